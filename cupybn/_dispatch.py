@@ -1,0 +1,106 @@
+"""Where an array's work runs, and moving small arrays between frameworks without copies.
+
+Every public entry point asks this module two questions about its ``input``:
+
+* :func:`route` — ``"cpu"`` (the array-API reference path, run in the input's own framework)
+  or ``"gpu"`` (the hand-written CUDA kernels);
+* :func:`namespace` — the array-API namespace of a CPU input (NumPy, torch, array-api-strict,
+  or anything else ``array_api_compat`` knows).
+
+Objects that only speak DLPack (``__dlpack__`` / ``__dlpack_device__``) are imported zero-copy
+by :func:`as_known_array`: CPU ones become NumPy arrays, CUDA ones CuPy arrays.
+
+The math never branches on the framework: it calls ``xp.<function>`` on the namespace chosen here.
+"""
+from __future__ import annotations
+
+import array_api_compat
+
+# DLPack device types (dlpack.h, DLDeviceType).
+_DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
+_GPU_DEVICE_TYPES = (_DL_CUDA, _DL_CUDA_MANAGED)
+
+
+def is_array(x) -> bool:
+    """True for anything cupybn accepts as an array: an array-API array or a DLPack producer."""
+    return array_api_compat.is_array_api_obj(x) or hasattr(x, "__dlpack_device__")
+
+
+def _dlpack_device(x):
+    dev = x.__dlpack_device__()
+    return int(dev[0]), int(dev[1])
+
+
+def route(x) -> str:
+    """``"gpu"`` for CuPy arrays and CUDA tensors (anything whose DLPack device is CUDA), else ``"cpu"``."""
+    if array_api_compat.is_cupy_array(x):
+        return "gpu"
+    if array_api_compat.is_torch_array(x):
+        return "gpu" if x.is_cuda else "cpu"
+    if array_api_compat.is_numpy_array(x):
+        return "cpu"
+    if hasattr(x, "__dlpack_device__"):
+        return "gpu" if _dlpack_device(x)[0] in _GPU_DEVICE_TYPES else "cpu"
+    return "cpu"
+
+
+def as_known_array(x):
+    """Return ``x`` if ``array_api_compat`` knows its framework, else import it zero-copy by DLPack.
+
+    CPU producers become NumPy arrays and CUDA producers CuPy arrays (the result shares memory
+    with ``x``); results computed from them come back in NumPy / CuPy.
+    """
+    if array_api_compat.is_array_api_obj(x):
+        try:
+            array_api_compat.array_namespace(x)
+            return x
+        except TypeError:
+            pass
+    if not hasattr(x, "__dlpack__"):
+        raise TypeError(f"expected an array (NumPy, CuPy, torch or a DLPack producer), got {type(x).__name__}")
+    if _dlpack_device(x)[0] in _GPU_DEVICE_TYPES:
+        import cupy
+
+        return cupy.from_dlpack(x)
+    import numpy
+
+    return numpy.from_dlpack(x)
+
+
+def namespace(*arrays):
+    """The array-API namespace shared by ``arrays`` (``None`` entries are skipped)."""
+    return array_api_compat.array_namespace(*(a for a in arrays if a is not None))
+
+
+def device_name(x) -> str:
+    """``"cpu"`` or ``"cuda:N"``: where ``x`` lives, in PyTorch's spelling."""
+    if array_api_compat.is_cupy_array(x):
+        return f"cuda:{x.device.id}"
+    if array_api_compat.is_torch_array(x):
+        return str(x.device) if x.is_cuda else "cpu"
+    if hasattr(x, "__dlpack_device__"):
+        kind, index = _dlpack_device(x)
+        return f"cuda:{index}" if kind in _GPU_DEVICE_TYPES else "cpu"
+    return "cpu"
+
+
+def same_framework(a, b) -> bool:
+    """True when ``a`` and ``b`` belong to the same array framework."""
+    return type(a) is type(b) or namespace(a) is namespace(b)
+
+
+def convert_like(a, like):
+    """``a`` as an array of ``like``'s framework, sharing memory (DLPack) — for per-channel vectors.
+
+    Both must be on the same device; ``a`` is returned unchanged when the frameworks already match.
+    """
+    if a is None or same_framework(a, like):
+        return a
+    xp = namespace(like)
+    try:
+        return xp.from_dlpack(a)
+    except (BufferError, TypeError, RuntimeError):
+        # A read-only NumPy array refuses DLPack export; a copy of a parameter vector is harmless.
+        import numpy
+
+        return xp.asarray(numpy.array(a, copy=True))

@@ -1,0 +1,218 @@
+"""The array-API reference implementation: the math of every norm, written once for any framework.
+
+All four norms reduce groups of elements and then normalize each element with its group's
+statistics. Here every input is viewed as a 3-d array ``(A, C, L)`` whose statistics are taken
+over axes 0 and 2, one per index of axis 1:
+
+=============  =====================  ==========================
+norm           view ``(A, C, L)``      one statistic per
+=============  =====================  ==========================
+batch norm     ``(N, C, spatial)``     channel
+instance norm  ``(1, N*C, spatial)``   (sample, channel)
+layer norm     ``(1, rows, row)``      row
+group norm     ``(1, N*G, C/G*sp)``    (sample, group)
+=============  =====================  ==========================
+
+Numerics. Statistics accumulate in float32 (float64 for float64 input), with the *corrected
+two-pass* algorithm: pass 1 gives a provisional mean ``m0 = sum(x) / n``; pass 2 sums
+``d = x - m0`` and ``d * d``, which gives the correction ``c = mean(d)`` and the variance
+``mean(d*d) - c*c``. ``d`` is exact in floating point when ``x`` is near ``m0`` (Sterbenz), so
+a float32 input with mean 1e4 and std 1e-2 keeps all its significant bits, and ``c*c`` is tiny
+— this is not the cancelling ``E[x^2] - E[x]^2``. For a constant group ``d`` is one repeated
+value, every sum is exact, and the variance is exactly 0.
+
+The normalize step computes ``(x - m0) * scale + shift`` with ``shift = bias - c * scale``:
+subtracting the centre first keeps large-mean inputs exact, where the folded
+``x * scale + (bias - mean * scale)`` would cancel.
+
+Speed. Both passes and the normalize step work on blocks of about 64K elements (cache-sized) so
+temporaries never round-trip through DRAM, and blocks run on a small thread pool (NumPy and
+torch release the GIL inside their kernels). Blocks are combined in a fixed order, so results
+do not depend on thread timing.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import array_api_compat
+
+from . import _dispatch
+
+# Elements per block: small enough that a block's float32 temporaries stay in L2.
+_BLOCK_ELEMENTS = 1 << 16
+# Below this many elements the thread pool costs more than it saves.
+_PARALLEL_MIN_ELEMENTS = 1 << 18
+# Rows shorter than this are reduced with an elementwise square rather than a dot product.
+_VECDOT_MIN_LENGTH = 32
+
+_pool = None
+
+
+def _executor():
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
+                                   thread_name_prefix="cupybn")
+    return _pool
+
+
+def accumulation_dtype(xp, dtype):
+    """float64 for float64 data, float32 for every narrower float (f16, bf16, f32)."""
+    return xp.float64 if dtype == xp.float64 else xp.float32
+
+
+@dataclass
+class Moments:
+    """Per-group statistics of a ``(A, C, L)`` view; arrays of shape ``(C,)`` in the accumulation dtype.
+
+    ``mean = center + offset``; keeping the two apart lets the normalize step subtract the exact
+    ``center`` first. ``var`` is the biased variance (divisor ``count``).
+    """
+
+    center: object
+    offset: object
+    var: object
+    count: int
+
+    @property
+    def mean(self):
+        xp = _dispatch.namespace(self.center)
+        # With Inf in a group the centre is +-Inf and the correction NaN; the mean is the centre then.
+        return xp.where(xp.isfinite(self.center), self.center + self.offset, self.center)
+
+
+def _blocks(shape):
+    """Slices ``(a0, a1, c0, c1)`` that tile a ``(A, C, L)`` array in blocks of ~_BLOCK_ELEMENTS.
+
+    Blocks split axis 0 when it has more than one entry (batch norm), else axis 1 (one group per
+    row of axis 1: instance, layer and group norm).
+    """
+    a, c, l = shape
+    if a > 1:
+        step = max(1, _BLOCK_ELEMENTS // max(1, c * l))
+        return [(i, min(a, i + step), 0, c) for i in range(0, a, step)]
+    step = max(1, _BLOCK_ELEMENTS // max(1, l))
+    return [(0, a, j, min(c, j + step)) for j in range(0, c, step)]
+
+
+def _map_blocks(fn, shape):
+    """``[fn(block) for block in _blocks(shape)]``, on the thread pool when the array is large."""
+    blocks = _blocks(shape)
+    if len(blocks) > 1 and math.prod(shape) >= _PARALLEL_MIN_ELEMENTS:
+        return list(_executor().map(fn, blocks))
+    return [fn(b) for b in blocks]
+
+
+class _Grouped:
+    """A ``(A, C, L)`` view with the block helpers both passes and the normalize step share.
+
+    With ``L == 1`` (batch norm on ``(N, C)``) the view drops its last axis: broadcasting a
+    ``(C, 1)`` vector over a trailing axis of length 1 makes NumPy loop one element at a time.
+    """
+
+    def __init__(self, x3):
+        self.xp = _dispatch.namespace(x3)
+        self.shape = tuple(x3.shape)
+        a, c, l = self.shape
+        self.flat = l == 1
+        self.x = self.xp.reshape(x3, (a, c)) if self.flat else x3
+        self.axes = (0,) if self.flat else (0, 2)
+        self.acc = accumulation_dtype(self.xp, x3.dtype)
+
+    def block(self, bounds, copy=False):
+        """The block of x at ``bounds`` in the accumulation dtype (a private copy if ``copy``)."""
+        a0, a1, c0, c1 = bounds
+        return self.xp.astype(self.x[a0:a1, c0:c1, ...], self.acc, copy=copy)
+
+    def per_group(self, vec, bounds):
+        """``vec[c0:c1]`` shaped to broadcast against a block."""
+        v = vec[bounds[2]:bounds[3]]
+        return v if self.flat else v[:, None]
+
+    def sums(self, fn, combine):
+        """Per-group results of ``fn(bounds) -> tuple of (c1-c0,) arrays`` over all blocks.
+
+        ``combine[i]`` says whether result ``i`` is a sum over blocks (added in block order, so
+        the result does not depend on thread timing) or the same value from every block.
+        """
+        totals = [self.xp.zeros((self.shape[1],), dtype=self.acc) for _ in combine]
+        for (_, _, c0, c1), results in zip(_blocks(self.shape), _map_blocks(fn, self.shape)):
+            for total, add, r in zip(totals, combine, results):
+                total[c0:c1] = total[c0:c1] + r if add else r
+        return totals
+
+
+def moments(x3) -> Moments:
+    """Mean and biased variance over axes 0 and 2 of ``x3`` (shape ``(A, C, L)``, ``A*L > 0``).
+
+    One pass over memory: each cache-sized block is summed around a provisional centre while it
+    is still in cache. When blocks split axis 0 (batch norm) all blocks share the centre taken
+    from the first block; when they split axis 1 each block holds whole groups and takes the
+    centre from its own data.
+    """
+    g = _Grouped(x3)
+    xp = g.xp
+    a, c, l = g.shape
+    blocks = _blocks(g.shape)
+
+    def local_center(bounds):
+        return xp.sum(g.block(bounds), axis=g.axes) / ((bounds[1] - bounds[0]) * l)
+
+    shared = local_center(blocks[0]) if a > 1 else None
+
+    def block_sums(bounds):
+        center = shared[bounds[2]:bounds[3]] if shared is not None else local_center(bounds)
+        d = g.block(bounds) - (center if g.flat else center[:, None])
+        if l >= _VECDOT_MIN_LENGTH:
+            sq = xp.sum(xp.vecdot(d, d, axis=-1), axis=0)
+        else:
+            sq = xp.sum(d * d, axis=g.axes)
+        return center, xp.sum(d, axis=g.axes), sq
+
+    center, dsum, dsq = g.sums(block_sums, combine=(shared is not None, True, True))
+    count = a * l
+    offset = dsum / count
+    var = xp.clip(dsq / count - offset * offset, min=0.0)
+    return Moments(center=center, offset=offset, var=var, count=count)
+
+
+def inverse_std(var, eps, zero_for_zero_var: bool):
+    """``1 / sqrt(var + eps)``; with ``zero_for_zero_var`` a group with var == 0 and eps == 0 gets 0.
+
+    Batch-norm training uses the latter (ATen's ``invstd = 0`` when ``var == 0 and eps == 0``), so a
+    constant channel normalizes to 0 (then ``bias``) instead of NaN.
+    """
+    xp = _dispatch.namespace(var)
+    invstd = 1.0 / xp.sqrt(var + eps)
+    if zero_for_zero_var and eps == 0:
+        invstd = xp.where(var == 0, xp.zeros_like(invstd), invstd)
+    return invstd
+
+
+def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
+    """``y = ((x - center) * scale + shift) * col_scale + col_shift`` over a ``(A, C, L)`` view.
+
+    ``center``, ``scale``, ``shift`` have shape ``(C,)`` (one value per group of axis 1);
+    ``col_scale`` / ``col_shift`` (layer norm's elementwise affine) have shape ``(L,)`` or are
+    ``None``. Arithmetic runs in the accumulation dtype; the result has ``x3``'s dtype and shape.
+    """
+    g = _Grouped(x3)
+    xp = g.xp
+    y = xp.empty(g.x.shape, dtype=x3.dtype, device=array_api_compat.device(x3))
+
+    def block(bounds):
+        a0, a1, c0, c1 = bounds
+        t = g.block(bounds) - g.per_group(center, bounds)  # exact for large means: subtract first
+        t *= g.per_group(scale, bounds)
+        t += g.per_group(shift, bounds)
+        if col_scale is not None:
+            t *= col_scale
+        if col_shift is not None:
+            t += col_shift
+        y[a0:a1, c0:c1, ...] = xp.astype(t, x3.dtype, copy=False)
+
+    _map_blocks(block, g.shape)
+    return xp.reshape(y, g.shape)

@@ -1,0 +1,320 @@
+"""Functional normalization API with the signatures of ``torch.nn.functional``.
+
+Each function accepts NumPy arrays, torch tensors (CPU or CUDA), CuPy arrays, array-api-strict
+arrays or any DLPack producer, and returns the result in the input's framework and dtype.
+CPU inputs run on the array-API reference implementation in their own framework
+(:mod:`cupybn._reference`); GPU inputs run on the CUDA kernels (:mod:`cupybn._cuda`).
+
+Every argument is checked before any state changes, so a call that raises leaves
+``running_mean`` / ``running_var`` exactly as they were.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+from . import _checks, _dispatch, _reference
+from .running_stats import RunningStats
+
+__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm"]
+
+
+def _gpu_kernel(name: str):
+    """The GPU implementation ``name`` from :mod:`cupybn._cuda`, or NotImplementedError."""
+    try:
+        from . import _cuda
+    except ImportError as exc:  # pragma: no cover - _cuda imports nothing heavy at module level
+        raise NotImplementedError(f"the GPU path is not available: {exc}") from exc
+    fn = getattr(_cuda, name, None)
+    if fn is None:
+        raise NotImplementedError(f"{name} on the GPU path (CuPy / CUDA torch input) is not "
+                                  f"implemented yet; CPU inputs (NumPy, torch CPU) work")
+    return fn
+
+
+def _as_input(input):
+    x = _dispatch.as_known_array(input) if _dispatch.is_array(input) else input
+    _checks.check_floating(x, "input")
+    return x
+
+
+def _param(a, like, acc):
+    """A parameter vector in ``like``'s framework and the accumulation dtype ``acc``."""
+    xp = _dispatch.namespace(like)
+    return xp.astype(_dispatch.convert_like(a, like), acc)
+
+
+def _numel(x) -> int:
+    return math.prod(x.shape)
+
+
+def _channel_stats_view(x):
+    """``x`` of shape ``(N, C, *)`` viewed as ``(N, C, L)``."""
+    xp = _dispatch.namespace(x)
+    n, c = x.shape[0], x.shape[1]
+    return xp.reshape(x, (n, c, math.prod(x.shape[2:])))
+
+
+# ----------------------------------------------------------------------------------- batch norm
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    r"""Batch normalization over dimension 1 of ``input``, as ``torch.nn.functional.batch_norm``.
+
+    .. math:: y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} * \gamma + \beta
+
+    In training the statistics are the batch's (biased variance), and ``running_mean`` /
+    ``running_var``, when given, are updated in place with ``momentum`` (unbiased variance).
+    Otherwise ``running_mean`` / ``running_var`` are used. With ``eps == 0`` a channel whose batch
+    variance is 0 normalizes to 0 (ATen's ``invstd = 0`` rule), not NaN.
+
+    Shape:
+        - input: ``(N, C)`` or ``(N, C, *)``; running_mean, running_var, weight, bias: ``(C,)``
+        - output: same shape and dtype as input
+    """
+    stats = None
+    if running_mean is not None or running_var is not None:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var must be given together (or both None)")
+        stats = RunningStats.wrap(running_mean, running_var, momentum)
+    return _batch_norm(input, stats, weight, bias, training, eps)
+
+
+def _check_batch_norm(x, stats, weight, bias, training, eps):
+    if x.ndim < 2:
+        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+    c = x.shape[1]
+    if stats is not None:
+        _checks.check_vector(stats.mean, "running_mean", c, x)
+        _checks.check_vector(stats.var, "running_var", c, x)
+    elif not training:
+        raise ValueError("running_mean and running_var must be given when training=False")
+    _checks.check_vector(weight, "weight", c, x)
+    _checks.check_vector(bias, "bias", c, x)
+    eps = _checks.check_eps(eps)
+    if training:
+        _checks.check_more_than_one_value(_numel(x) // c if c else 0, x.shape)
+    return eps
+
+
+def _batch_norm(input, stats: RunningStats | None, weight, bias, training: bool, eps):
+    """Batch norm with optional :class:`RunningStats` (updated when ``training``); see :func:`batch_norm`."""
+    x = _as_input(input)
+    eps = _check_batch_norm(x, stats, weight, bias, training, eps)
+    if training and stats is not None:
+        _checks.check_momentum(stats.momentum, allow_none=stats.count_batches)
+    if _dispatch.route(x) == "gpu":
+        return _gpu_kernel("batch_norm_forward")(
+            x, None if stats is None else stats.mean, None if stats is None else stats.var,
+            weight, bias, training, None if stats is None else stats.momentum, eps)
+
+    xp = _dispatch.namespace(x)
+    acc = _reference.accumulation_dtype(xp, x.dtype)
+    x3 = _channel_stats_view(x)
+    if _numel(x) == 0:  # empty batch: nothing to normalize; BatchNorm still counts the call
+        if training and stats is not None:
+            stats.update(None, None, 0)
+        return xp.empty_like(x)
+    if training:
+        m = _reference.moments(x3)
+        invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=True)
+        center, offset = m.center, m.offset
+    else:
+        center = _param(stats.mean, x, acc)
+        offset = None
+        invstd = 1.0 / xp.sqrt(_param(stats.var, x, acc) + eps)
+    scale = invstd if weight is None else invstd * _param(weight, x, acc)
+    shift = xp.zeros_like(scale) if bias is None else _param(bias, x, acc)
+    if offset is not None:
+        shift = shift - offset * scale
+    y = _reference.normalize(x3, center, scale, shift)
+    if training and stats is not None:
+        stats.update(m.mean, m.var, m.count)
+    return xp.reshape(y, x.shape)
+
+
+def batch_norm_statistics(input, stats: RunningStats | None = None):
+    """Per-channel ``(mean, biased var, count)`` of ``input`` ``(N, C, *)`` over every axis but 1.
+
+    Used by :meth:`RunningStats.observe`; ``stats`` (optional) is checked against the channels.
+    """
+    x = _as_input(input)
+    _check_batch_norm(x, stats, None, None, True, 0.0)
+    if _dispatch.route(x) == "gpu":
+        return _gpu_kernel("batch_norm_statistics")(x)
+    if _numel(x) == 0:
+        return None, None, 0
+    m = _reference.moments(_channel_stats_view(x))
+    return m.mean, m.var, m.count
+
+
+# -------------------------------------------------------------------------------- instance norm
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5):
+    r"""Instance normalization: each ``(sample, channel)`` slice normalized on its own statistics.
+
+    As ``torch.nn.functional.instance_norm``: with ``use_input_stats`` the statistics are
+    per-instance, and ``running_mean`` / ``running_var`` (when given) are updated in place with
+    the mean over the batch of the per-instance statistics (unbiased variance); otherwise the
+    running statistics normalize every instance. ``momentum=None`` means 0.
+
+    Shape:
+        - input: ``(N, C, *)`` with at least one spatial dimension; vectors ``(C,)``
+        - output: same shape and dtype as input
+    """
+    momentum = 0.0 if momentum is None else momentum
+    stats = None
+    if running_mean is not None or running_var is not None:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var must be given together (or both None)")
+        stats = RunningStats.wrap(running_mean, running_var, momentum)
+    return _instance_norm(input, stats, weight, bias, use_input_stats, eps)
+
+
+def _instance_norm(input, stats: RunningStats | None, weight, bias, use_input_stats: bool, eps):
+    x = _as_input(input)
+    if x.ndim < 2:
+        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+    if not use_input_stats:
+        if stats is None:
+            raise ValueError("running_mean and running_var must be given when use_input_stats=False")
+        return _batch_norm(x, stats, weight, bias, False, eps)
+    n, c = x.shape[0], x.shape[1]
+    if stats is not None:
+        _checks.check_vector(stats.mean, "running_mean", c, x)
+        _checks.check_vector(stats.var, "running_var", c, x)
+        _checks.check_momentum(stats.momentum, allow_none=False)
+    _checks.check_vector(weight, "weight", c, x)
+    _checks.check_vector(bias, "bias", c, x)
+    eps = _checks.check_eps(eps)
+    spatial = math.prod(x.shape[2:])
+    _checks.check_more_than_one_value(spatial, x.shape, spatial=True)
+    if _dispatch.route(x) == "gpu":
+        return _gpu_kernel("instance_norm_forward")(
+            x, None if stats is None else stats.mean, None if stats is None else stats.var,
+            weight, bias, None if stats is None else stats.momentum, eps)
+
+    xp = _dispatch.namespace(x)
+    if _numel(x) == 0:
+        return xp.empty_like(x)
+    acc = _reference.accumulation_dtype(xp, x.dtype)
+    x3 = xp.reshape(x, (1, n * c, spatial))
+    m = _reference.moments(x3)
+    # instance norm is batch norm on the (1, N*C, L) view in ATen, so it shares the eps == 0 rule
+    invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=True)
+    scale = invstd if weight is None else invstd * _per_instance(_param(weight, x, acc), n)
+    shift = -m.offset * scale
+    if bias is not None:
+        shift = shift + _per_instance(_param(bias, x, acc), n)
+    y = _reference.normalize(x3, m.center, scale, shift)
+    if stats is not None:
+        stats.update(xp.mean(xp.reshape(m.mean, (n, c)), axis=0),
+                     xp.mean(xp.reshape(m.var, (n, c)), axis=0), m.count)
+    return xp.reshape(y, x.shape)
+
+
+def _per_instance(vec, n):
+    """A ``(C,)`` vector repeated for each of ``n`` samples: shape ``(n*C,)``."""
+    xp = _dispatch.namespace(vec)
+    return xp.reshape(xp.broadcast_to(vec[None, :], (n, vec.shape[0])), (-1,))
+
+
+# ----------------------------------------------------------------------------------- layer norm
+
+def _normalized_shape(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral):
+        return (int(normalized_shape),)
+    try:
+        return tuple(int(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
+                        f"got {type(normalized_shape).__name__}") from None
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    r"""Layer normalization over the last ``len(normalized_shape)`` dimensions.
+
+    As ``torch.nn.functional.layer_norm``: each row of ``prod(normalized_shape)`` elements is
+    normalized with its own mean and biased variance, then scaled elementwise by ``weight`` and
+    shifted by ``bias`` (both of shape ``normalized_shape``, optional). Any ``eps`` is accepted.
+
+    Shape:
+        - input: ``(*, *normalized_shape)``; output: same shape and dtype
+    """
+    x = _as_input(input)
+    shape = _normalized_shape(normalized_shape)
+    k = len(shape)
+    if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
+        raise ValueError(f"Given normalized_shape={list(shape)}, expected input with shape "
+                         f"[*, {', '.join(map(str, shape))}], but got input of size {tuple(x.shape)}")
+    for a, name in ((weight, "weight"), (bias, "bias")):
+        if a is not None:
+            _checks.check_floating(a, name)
+            if tuple(a.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(a.shape)}")
+            _checks.check_same_device(x, a, name)
+    eps = _checks.check_eps(eps, allow_negative=True)
+    if _dispatch.route(x) == "gpu":
+        return _gpu_kernel("layer_norm_forward")(x, shape, weight, bias, eps)
+
+    xp = _dispatch.namespace(x)
+    row = math.prod(shape)
+    if _numel(x) == 0:
+        return xp.empty_like(x)
+    acc = _reference.accumulation_dtype(xp, x.dtype)
+    x3 = xp.reshape(x, (1, _numel(x) // row, row))
+    m = _reference.moments(x3)
+    invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=False)
+    col_scale = None if weight is None else xp.reshape(_param(weight, x, acc), (row,))
+    col_shift = None if bias is None else xp.reshape(_param(bias, x, acc), (row,))
+    y = _reference.normalize(x3, m.center, invstd, -m.offset * invstd, col_scale, col_shift)
+    return xp.reshape(y, x.shape)
+
+
+# ----------------------------------------------------------------------------------- group norm
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    r"""Group normalization: channels split into ``num_groups`` groups, each normalized per sample.
+
+    As ``torch.nn.functional.group_norm``: statistics over each group's ``C / num_groups``
+    channels and all spatial positions, then a per-channel affine ``weight`` / ``bias``.
+
+    Shape:
+        - input: ``(N, C, *)``; weight, bias: ``(C,)``; output: same shape and dtype as input
+    """
+    x = _as_input(input)
+    if x.ndim < 2:
+        raise ValueError(f"Expected at least 2 dimensions for input tensor but received {x.ndim}")
+    if not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
+        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
+    n, c = x.shape[0], x.shape[1]
+    if c % num_groups != 0:
+        raise ValueError(f"Expected number of channels in input to be divisible by num_groups, but "
+                         f"got input of shape {tuple(x.shape)} and num_groups={num_groups}")
+    _checks.check_vector(weight, "weight", c, x)
+    _checks.check_vector(bias, "bias", c, x)
+    eps = _checks.check_eps(eps, allow_negative=True)
+    if _dispatch.route(x) == "gpu":
+        return _gpu_kernel("group_norm_forward")(x, int(num_groups), weight, bias, eps)
+
+    xp = _dispatch.namespace(x)
+    if _numel(x) == 0:
+        return xp.empty_like(x)
+    acc = _reference.accumulation_dtype(xp, x.dtype)
+    g = int(num_groups)
+    spatial = math.prod(x.shape[2:])
+    m = _reference.moments(xp.reshape(x, (1, n * g, (c // g) * spatial)))
+    invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=False)
+
+    def per_channel(v):  # (N*G,) group values -> (N*C,) channel values
+        return xp.reshape(xp.broadcast_to(xp.reshape(v, (n, g, 1)), (n, g, c // g)), (-1,))
+
+    scale = per_channel(invstd)
+    if weight is not None:
+        scale = scale * _per_instance(_param(weight, x, acc), n)
+    shift = -per_channel(m.offset) * scale
+    if bias is not None:
+        shift = shift + _per_instance(_param(bias, x, acc), n)
+    y = _reference.normalize(xp.reshape(x, (1, n * c, spatial)), per_channel(m.center), scale, shift)
+    return xp.reshape(y, x.shape)
