@@ -48,8 +48,11 @@ def as_known_array(x):
     """Return ``x`` if ``array_api_compat`` knows its framework, else import it zero-copy by DLPack.
 
     CPU producers become NumPy arrays and CUDA producers CuPy arrays (the result shares memory
-    with ``x``); results computed from them come back in NumPy / CuPy.
+    with ``x``); results computed from them come back in NumPy / CuPy. torch tensors that
+    require grad are detached: the functional API is not differentiable.
     """
+    if array_api_compat.is_torch_array(x):
+        return x.detach()
     if array_api_compat.is_array_api_obj(x):
         try:
             array_api_compat.array_namespace(x)
@@ -97,6 +100,8 @@ def convert_like(a, like):
     if a is None or same_framework(a, like):
         return a
     xp = namespace(like)
+    if array_api_compat.is_torch_array(a):
+        a = a.detach()
     try:
         return xp.from_dlpack(a)
     except (BufferError, TypeError, RuntimeError):
@@ -104,3 +109,10 @@ def convert_like(a, like):
         import numpy
 
         return xp.asarray(numpy.array(a, copy=True))
+
+
+def quiet_floating_point():
+    """Silence NumPy's floating-point warnings (NaN/Inf inputs, eps=0): torch does not warn either."""
+    import numpy
+
+    return numpy.errstate(divide="ignore", invalid="ignore", over="ignore")

@@ -32,6 +32,7 @@ do not depend on thread timing.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -87,22 +88,26 @@ class Moments:
 def _blocks(shape):
     """Slices ``(a0, a1, c0, c1)`` that tile a ``(A, C, L)`` array in blocks of ~_BLOCK_ELEMENTS.
 
-    Blocks split axis 0 when it has more than one entry (batch norm), else axis 1 (one group per
-    row of axis 1: instance, layer and group norm).
+    A block holds whole rows of axis 2: several entries of axis 0 when one ``(C, L)`` slice is
+    small, else one entry of axis 0 and as many groups of axis 1 as fit.
     """
     a, c, l = shape
-    if a > 1:
-        step = max(1, _BLOCK_ELEMENTS // max(1, c * l))
-        return [(i, min(a, i + step), 0, c) for i in range(0, a, step)]
-    step = max(1, _BLOCK_ELEMENTS // max(1, l))
-    return [(0, a, j, min(c, j + step)) for j in range(0, c, step)]
+    c_step = max(1, _BLOCK_ELEMENTS // max(1, l))
+    a_step = max(1, _BLOCK_ELEMENTS // max(1, c * l)) if c_step >= c else 1
+    return [(i, min(a, i + a_step), j, min(c, j + c_step))
+            for i in range(0, a, a_step) for j in range(0, c, c_step)]
 
 
 def _map_blocks(fn, shape):
-    """``[fn(block) for block in _blocks(shape)]``, on the thread pool when the array is large."""
+    """``[fn(block) for block in _blocks(shape)]``, on the thread pool when the array is large.
+
+    Each task runs in a copy of the caller's context, so settings such as NumPy's ``errstate``
+    apply in the pool's threads too.
+    """
     blocks = _blocks(shape)
     if len(blocks) > 1 and math.prod(shape) >= _PARALLEL_MIN_ELEMENTS:
-        return list(_executor().map(fn, blocks))
+        contexts = [contextvars.copy_context() for _ in blocks]  # taken here, in the caller's thread
+        return list(_executor().map(lambda ctx, b: ctx.run(fn, b), contexts, blocks))
     return [fn(b) for b in blocks]
 
 
@@ -149,19 +154,19 @@ def moments(x3) -> Moments:
     """Mean and biased variance over axes 0 and 2 of ``x3`` (shape ``(A, C, L)``, ``A*L > 0``).
 
     One pass over memory: each cache-sized block is summed around a provisional centre while it
-    is still in cache. When blocks split axis 0 (batch norm) all blocks share the centre taken
-    from the first block; when they split axis 1 each block holds whole groups and takes the
-    centre from its own data.
+    is still in cache. With ``A == 1`` every block holds whole groups and takes the centre from
+    its own data; otherwise (batch norm) all blocks share the centre of the first block's
+    entries of axis 0, read once more up front.
     """
     g = _Grouped(x3)
     xp = g.xp
     a, c, l = g.shape
-    blocks = _blocks(g.shape)
 
     def local_center(bounds):
         return xp.sum(g.block(bounds), axis=g.axes) / ((bounds[1] - bounds[0]) * l)
 
-    shared = local_center(blocks[0]) if a > 1 else None
+    first = _blocks(g.shape)[0]
+    shared = local_center((first[0], first[1], 0, c)) if a > 1 else None
 
     def block_sums(bounds):
         center = shared[bounds[2]:bounds[3]] if shared is not None else local_center(bounds)
@@ -205,14 +210,22 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
 
     def block(bounds):
         a0, a1, c0, c1 = bounds
-        t = g.block(bounds) - g.per_group(center, bounds)  # exact for large means: subtract first
+        out = y[a0:a1, c0:c1, ...]
+        # Work in place in the output when it has the accumulation dtype, else in a block copy.
+        if x3.dtype == g.acc:
+            out[...] = g.x[a0:a1, c0:c1, ...]
+            t = out
+        else:
+            t = g.block(bounds, copy=True)
+        t -= g.per_group(center, bounds)  # subtract first: exact for large means
         t *= g.per_group(scale, bounds)
         t += g.per_group(shift, bounds)
         if col_scale is not None:
             t *= col_scale
         if col_shift is not None:
             t += col_shift
-        y[a0:a1, c0:c1, ...] = xp.astype(t, x3.dtype, copy=False)
+        if t is not out:
+            out[...] = xp.astype(t, x3.dtype)
 
     _map_blocks(block, g.shape)
     return xp.reshape(y, g.shape)

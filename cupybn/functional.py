@@ -10,6 +10,7 @@ Every argument is checked before any state changes, so a call that raises leaves
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -17,6 +18,15 @@ from . import _checks, _dispatch, _reference
 from .running_stats import RunningStats
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm"]
+
+
+def _quiet(fn):
+    """Run ``fn`` without NumPy floating-point warnings (NaN/Inf inputs, eps=0), as torch is silent."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _dispatch.quiet_floating_point():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def _gpu_kernel(name: str):
@@ -97,6 +107,7 @@ def _check_batch_norm(x, stats, weight, bias, training, eps):
     return eps
 
 
+@_quiet
 def _batch_norm(input, stats: RunningStats | None, weight, bias, training: bool, eps):
     """Batch norm with optional :class:`RunningStats` (updated when ``training``); see :func:`batch_norm`."""
     x = _as_input(input)
@@ -133,6 +144,7 @@ def _batch_norm(input, stats: RunningStats | None, weight, bias, training: bool,
     return xp.reshape(y, x.shape)
 
 
+@_quiet
 def batch_norm_statistics(input, stats: RunningStats | None = None):
     """Per-channel ``(mean, biased var, count)`` of ``input`` ``(N, C, *)`` over every axis but 1.
 
@@ -172,6 +184,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     return _instance_norm(input, stats, weight, bias, use_input_stats, eps)
 
 
+@_quiet
 def _instance_norm(input, stats: RunningStats | None, weight, bias, use_input_stats: bool, eps):
     x = _as_input(input)
     if x.ndim < 2:
@@ -232,6 +245,7 @@ def _normalized_shape(normalized_shape) -> tuple[int, ...]:
                         f"got {type(normalized_shape).__name__}") from None
 
 
+@_quiet
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     r"""Layer normalization over the last ``len(normalized_shape)`` dimensions.
 
@@ -274,6 +288,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 # ----------------------------------------------------------------------------------- group norm
 
+@_quiet
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     r"""Group normalization: channels split into ``num_groups`` groups, each normalized per sample.
 
