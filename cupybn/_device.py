@@ -53,14 +53,13 @@ def parse_dtype(dtype):
     """A NumPy dtype from None (float32), a NumPy/CuPy dtype, a torch dtype or a name."""
     if dtype is None:
         return np.dtype(np.float32)
-    name = str(dtype)
-    if name.startswith("torch."):
-        name = name[len("torch."):]
-    if name == "bfloat16":
+    if str(dtype).startswith("torch."):
+        dtype = str(dtype)[len("torch."):]
+    if str(dtype) == "bfloat16":
         raise TypeError("dtype bfloat16 is not supported for parameters and running statistics "
                         "(NumPy and CuPy have no bfloat16); keep them in float32 — bfloat16 inputs work")
     try:
-        result = np.dtype(name)
+        result = np.dtype(dtype)
     except TypeError:
         raise TypeError(f"dtype must be a floating dtype (NumPy, torch or a name), got {dtype!r}") from None
     if result.kind != "f":

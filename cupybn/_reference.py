@@ -177,7 +177,7 @@ def moments(x3) -> Moments:
             sq = xp.sum(d * d, axis=g.axes)
         return center, xp.sum(d, axis=g.axes), sq
 
-    center, dsum, dsq = g.sums(block_sums, combine=(shared is not None, True, True))
+    center, dsum, dsq = g.sums(block_sums, combine=(False, True, True))
     count = a * l
     offset = dsum / count
     var = xp.clip(dsq / count - offset * offset, min=0.0)

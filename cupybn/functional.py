@@ -49,9 +49,15 @@ def _as_input(input):
 
 
 def _param(a, like, acc):
-    """A parameter vector in ``like``'s framework and the accumulation dtype ``acc``."""
-    xp = _dispatch.namespace(like)
-    return xp.astype(_dispatch.convert_like(a, like), acc)
+    """A parameter vector in ``like``'s framework and the accumulation dtype ``acc``.
+
+    The cast happens on the owner's side first: the input's framework may lack the parameter's
+    dtype (array-api-strict has no float16).
+    """
+    if not _dispatch.same_framework(a, like):
+        owner = _dispatch.namespace(a)
+        a = owner.astype(a, getattr(owner, _checks.dtype_name(acc)))
+    return _dispatch.namespace(like).astype(_dispatch.convert_like(a, like), acc)
 
 
 def _numel(x) -> int:
