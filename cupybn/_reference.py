@@ -13,20 +13,23 @@ layer norm     ``(1, rows, row)``      row
 group norm     ``(1, N*G, C/G*sp)``    (sample, group)
 =============  =====================  ==========================
 
-Numerics. Statistics accumulate in float32 (float64 for float64 input), with the *corrected
-two-pass* algorithm: pass 1 gives a provisional mean ``m0 = sum(x) / n``; pass 2 sums
-``d = x - m0`` and ``d * d``, which gives the correction ``c = mean(d)`` and the variance
-``mean(d*d) - c*c``. ``d`` is exact in floating point when ``x`` is near ``m0`` (Sterbenz), so
-a float32 input with mean 1e4 and std 1e-2 keeps all its significant bits, and ``c*c`` is tiny
-— this is not the cancelling ``E[x^2] - E[x]^2``. For a constant group ``d`` is one repeated
-value, every sum is exact, and the variance is exactly 0.
+Numerics. Statistics accumulate in float32 (float64 for float64 input), as a *corrected
+two-pass* computation fused into one pass over memory: each group gets a provisional centre
+``m0`` (the mean of a first block of its data), then the sums of ``d = x - m0`` and ``d * d``
+give the correction ``c = mean(d)`` and the variance ``mean(d*d) - c*c``. ``d`` is exact in
+floating point when ``x`` is near ``m0`` (Sterbenz), so a float32 input with mean 1e4 and std
+1e-2 keeps all its significant bits, and ``c*c`` is small next to ``mean(d*d)`` because ``m0`` is
+already a mean — this is not the cancelling ``E[x^2] - E[x]^2``. For a constant group ``d`` is
+one repeated value, every sum is exact, and the variance is exactly 0.
 
 The normalize step computes ``(x - m0) * scale + shift`` with ``shift = bias - c * scale``:
-subtracting the centre first keeps large-mean inputs exact, where the folded
-``x * scale + (bias - mean * scale)`` would cancel.
+subtracting the centre first keeps large-mean inputs exact. Where ``|m0 * scale|`` is small
+everywhere the centre is folded into the shift, ``x * scale + (shift - m0 * scale)``, one
+operation fewer at a rounding cost below 1e-6.
 
-Speed. Both passes and the normalize step work on blocks of about 64K elements (cache-sized) so
-temporaries never round-trip through DRAM, and blocks run on a small thread pool (NumPy and
+Speed. Both passes and the normalize step work on blocks of about 256K elements (1 MiB of float32,
+cache-sized) so temporaries never round-trip through DRAM; per-group sums are matrix-vector
+products with a ones vector (BLAS); blocks run on a small thread pool (NumPy and
 torch release the GIL inside their kernels). Blocks are combined in a fixed order, so results
 do not depend on thread timing.
 """
@@ -42,12 +45,16 @@ import array_api_compat
 
 from . import _dispatch
 
-# Elements per block: small enough that a block's float32 temporaries stay in L2.
-_BLOCK_ELEMENTS = 1 << 16
+# Elements per block (1 MiB of float32): small enough that a block's temporaries stay in L2,
+# large enough that Python's per-operation overhead is small.
+_BLOCK_ELEMENTS = 1 << 18
 # Below this many elements the thread pool costs more than it saves.
 _PARALLEL_MIN_ELEMENTS = 1 << 18
 # Rows shorter than this are reduced with an elementwise square rather than a dot product.
 _VECDOT_MIN_LENGTH = 32
+# normalize folds the centre into the shift when |center * scale| stays below this everywhere:
+# the folded form's rounding error is then below 1e-6 of the output's scale.
+_FOLD_LIMIT = 4.0
 
 _pool = None
 
@@ -137,6 +144,23 @@ class _Grouped:
         v = vec[bounds[2]:bounds[3]]
         return v if self.flat else v[:, None]
 
+    def group_sums(self, d):
+        """Per-group sums of a block ``d`` (shape of :meth:`block`): a matrix-vector product with
+        ones, which runs in BLAS at several times the speed of ``sum`` over these axes."""
+        xp = self.xp
+        if self.flat:
+            return xp.matmul(xp.ones((d.shape[0],), dtype=d.dtype, device=array_api_compat.device(d)), d)
+        ones = xp.ones((d.shape[2],), dtype=d.dtype, device=array_api_compat.device(d))
+        return xp.sum(xp.matmul(d, ones), axis=0)
+
+    def group_sums_of_squares(self, d):
+        """Per-group sums of ``d * d``; may overwrite ``d``."""
+        xp = self.xp
+        if not self.flat and d.shape[2] >= _VECDOT_MIN_LENGTH:
+            return xp.sum(xp.vecdot(d, d, axis=-1), axis=0)
+        d *= d
+        return self.group_sums(d)
+
     def sums(self, fn, combine):
         """Per-group results of ``fn(bounds) -> tuple of (c1-c0,) arrays`` over all blocks.
 
@@ -163,7 +187,7 @@ def moments(x3) -> Moments:
     a, c, l = g.shape
 
     def local_center(bounds):
-        return xp.sum(g.block(bounds), axis=g.axes) / ((bounds[1] - bounds[0]) * l)
+        return g.group_sums(g.block(bounds)) / ((bounds[1] - bounds[0]) * l)
 
     first = _blocks(g.shape)[0]
     shared = local_center((first[0], first[1], 0, c)) if a > 1 else None
@@ -171,11 +195,8 @@ def moments(x3) -> Moments:
     def block_sums(bounds):
         center = shared[bounds[2]:bounds[3]] if shared is not None else local_center(bounds)
         d = g.block(bounds) - (center if g.flat else center[:, None])
-        if l >= _VECDOT_MIN_LENGTH:
-            sq = xp.sum(xp.vecdot(d, d, axis=-1), axis=0)
-        else:
-            sq = xp.sum(d * d, axis=g.axes)
-        return center, xp.sum(d, axis=g.axes), sq
+        total = g.group_sums(d)
+        return center, total, g.group_sums_of_squares(d)
 
     center, dsum, dsq = g.sums(block_sums, combine=(False, True, True))
     count = a * l
@@ -207,6 +228,11 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
     g = _Grouped(x3)
     xp = g.xp
     y = xp.empty(g.x.shape, dtype=x3.dtype, device=array_api_compat.device(x3))
+    # x * scale + (shift - center * scale) saves a pass but rounds at the size of center * scale:
+    # take it only when that is small, so large-mean inputs keep the exact subtraction.
+    if bool(xp.all(xp.abs(center * scale) <= _FOLD_LIMIT)):
+        shift = shift - center * scale
+        center = None
 
     def block(bounds):
         a0, a1, c0, c1 = bounds
@@ -217,7 +243,8 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
             t = out
         else:
             t = g.block(bounds, copy=True)
-        t -= g.per_group(center, bounds)  # subtract first: exact for large means
+        if center is not None:
+            t -= g.per_group(center, bounds)  # subtract first: exact for large means
         t *= g.per_group(scale, bounds)
         t += g.per_group(shift, bounds)
         if col_scale is not None:

@@ -42,15 +42,14 @@ def batch_norm_forward(input, running_mean, running_var, weight, bias, training,
 
     launcher = cupy_launcher()
     with interop.input_stream(input):
-        x, x_dtype = interop.as_cupy(interop.contiguous(input), "input")
-        x = interop.contiguous(x)
-        params = {}
-        for name, a in (("running_mean", running_mean), ("running_var", running_var),
-                        ("weight", weight), ("bias", bias)):
-            arr, dtype = interop.as_cupy(a, name)
-            params[name] = (None if arr is None else interop.contiguous(arr), dtype)
+        x, x_dtype = interop.as_cupy(input, "input")  # zero-copy view, any strides
+        x = interop.contiguous(x)  # a copy (on this stream) only when x is not C-contiguous
+        params = {name: interop.as_cupy(a, name) for name, a in (
+            ("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias))}
+        # One parameter dtype for the kernel: mixed dtypes are widened (exactly) to the widest.
         param_dtype = interop.promote(d for _, d in params.values())
-        ops = {name: None if arr is None else planner.Operand.of(interop.cast(arr, d, param_dtype), param_dtype)
+        ops = {name: None if arr is None else
+               planner.Operand.of(interop.contiguous(interop.cast(arr, d, param_dtype)), param_dtype)
                for name, (arr, d) in params.items()}
         native, y = interop.empty_output(input, x, x_dtype)
         plan = planner.plan_batch_norm_eval_forward(

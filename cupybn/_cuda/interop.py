@@ -125,9 +125,7 @@ def as_cupy(a, name: str = "input"):
 
 
 def contiguous(x):
-    """``x`` itself when C-contiguous, else a contiguous copy in its own framework (on the current stream)."""
-    if _is_torch(x):
-        return x if x.is_contiguous() else x.contiguous()
+    """A CuPy array: ``x`` itself when C-contiguous, else a contiguous copy made on the current stream."""
     import cupy
 
     return cupy.ascontiguousarray(x)

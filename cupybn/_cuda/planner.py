@@ -269,9 +269,11 @@ def check_args(kernel: str, signature, args) -> None:
         if want is None:
             raise TypeError(f"{where}: parameter type {code!r} is not marshalled by cupybn")
         if isinstance(arg, (bool, int, float)) and not isinstance(arg, np.generic):
+            cupy_type = "a 1-byte bool" if isinstance(arg, bool) else (
+                "a 64-bit integer" if isinstance(arg, int) else "a double")
             raise TypeError(f"{where}: got the Python {type(arg).__name__} {arg!r}; CuPy would pass it as "
-                            f"{'a 64-bit integer' if isinstance(arg, int) else 'a double'}, not as the "
-                            f"kernel's {code}. Pass numpy.{np.dtype(want).name}({arg!r}).")
+                            f"{cupy_type}, whatever the kernel's parameter is. "
+                            f"Pass numpy.{np.dtype(want).name}({arg!r}).")
         if type(arg) is not want:
             raise TypeError(f"{where}: got {type(arg).__name__}, expected numpy.{np.dtype(want).name}")
 
