@@ -60,6 +60,15 @@ def _param(a, like, acc):
     return _dispatch.namespace(like).astype(_dispatch.convert_like(a, like), acc)
 
 
+def _wrap_running_stats(running_mean, running_var, momentum) -> RunningStats | None:
+    """The caller's running-stat arrays as :class:`RunningStats` updated in place (or None)."""
+    if running_mean is None and running_var is None:
+        return None
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    return RunningStats.wrap(running_mean, running_var, momentum)
+
+
 def _numel(x) -> int:
     return math.prod(x.shape)
 
@@ -88,11 +97,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         - input: ``(N, C)`` or ``(N, C, *)``; running_mean, running_var, weight, bias: ``(C,)``
         - output: same shape and dtype as input
     """
-    stats = None
-    if running_mean is not None or running_var is not None:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var must be given together (or both None)")
-        stats = RunningStats.wrap(running_mean, running_var, momentum)
+    stats = _wrap_running_stats(running_mean, running_var, momentum)
     return _batch_norm(input, stats, weight, bias, training, eps)
 
 
@@ -182,11 +187,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         - output: same shape and dtype as input
     """
     momentum = 0.0 if momentum is None else momentum
-    stats = None
-    if running_mean is not None or running_var is not None:
-        if running_mean is None or running_var is None:
-            raise ValueError("running_mean and running_var must be given together (or both None)")
-        stats = RunningStats.wrap(running_mean, running_var, momentum)
+    stats = _wrap_running_stats(running_mean, running_var, momentum)
     return _instance_norm(input, stats, weight, bias, use_input_stats, eps)
 
 
