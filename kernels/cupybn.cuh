@@ -1,0 +1,305 @@
+// cupybn.cuh -- device helpers shared by every cupybn kernel.
+//
+// Every norm in cupybn is "reduce groups of elements, then normalize each element with its
+// group's statistics". This header holds the pieces those kernels share:
+//
+//   * index_t, accumulation types and the 16-byte vector width of each storage type;
+//   * conversions between the storage types (f16, bf16, f32, f64) and the accumulation types;
+//   * IEEE round-to-nearest arithmetic that neither -ftz=true nor FMA contraction can change;
+//   * 16-byte vector loads / stores with alignment and tail handling;
+//   * Welford accumulation and Chan's parallel combine;
+//   * warp and block reductions.
+//
+// Plain CUDA C++: NVRTC compiles it with the real CUDA headers, the CPU emulator (tests/emulator)
+// compiles it with g++ and its shims. NVRTC has no <stdint.h>, so the header spells 64-bit
+// integers `long long` (CUDA's and g++'s long long are both 64-bit).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace cupybn {
+
+// ------------------------------------------------------------------------------------ types
+
+// Element offsets are 64-bit everywhere: a tensor may hold more than 2^31 elements.
+typedef long long index_t;
+
+// Accumulation type: float for f16, bf16 and f32 data, double for f64 data (the CPU path's rule).
+template <typename T> struct Acc { typedef float type; };
+template <> struct Acc<double> { typedef double type; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+// Elements of T in one 16-byte vector: 8 for f16/bf16, 4 for f32, 2 for f64.
+template <typename T> __host__ __device__ constexpr int vec_width() { return 16 / (int)sizeof(T); }
+
+// ------------------------------------------------------------------------------------ IEEE arithmetic
+//
+// CuPy always appends -ftz=true to NVRTC's options, which turns every float32 add/mul/div/sqrt
+// into its flush-to-zero form, and nvcc/NVRTC contract a*b+c into an FMA where they see one.
+// Both would make the GPU differ from the CPU path (NumPy/torch keep subnormals and round every
+// operation). These helpers pin each operation to one IEEE round-to-nearest instruction with no
+// .ftz: inline PTX for float; for double the *_rn intrinsics (FTZ never applies to double, the
+// intrinsics only stop contraction). The emulator build (g++, -ffp-contract=off) uses plain C++.
+#ifdef CUDA_CPU_EMULATION
+__device__ __forceinline__ float add_rn(float a, float b) { return a + b; }
+__device__ __forceinline__ float sub_rn(float a, float b) { return a - b; }
+__device__ __forceinline__ float mul_rn(float a, float b) { return a * b; }
+__device__ __forceinline__ float div_rn(float a, float b) { return a / b; }
+__device__ __forceinline__ float sqrt_rn(float a) { return sqrtf(a); }
+__device__ __forceinline__ double add_rn(double a, double b) { return a + b; }
+__device__ __forceinline__ double sub_rn(double a, double b) { return a - b; }
+__device__ __forceinline__ double mul_rn(double a, double b) { return a * b; }
+__device__ __forceinline__ double div_rn(double a, double b) { return a / b; }
+__device__ __forceinline__ double sqrt_rn(double a) { return sqrt(a); }
+__device__ __forceinline__ float narrow_rn(double a) { return (float)a; }
+__device__ __forceinline__ double widen(float a) { return (double)a; }
+#else
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float sub_rn(float a, float b) {
+  float r;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float sqrt_rn(float a) {
+  float r;
+  asm("sqrt.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
+  return r;
+}
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+__device__ __forceinline__ double sqrt_rn(double a) { return __dsqrt_rn(a); }
+// double -> float keeping float subnormals (cvt may otherwise take the .ftz form).
+__device__ __forceinline__ float narrow_rn(double a) {
+  float r;
+  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(a));
+  return r;
+}
+// float -> double (exact) keeping float subnormals (a plain cast becomes cvt.ftz.f64.f32).
+__device__ __forceinline__ double widen(float a) {
+  double r;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(a));
+  return r;
+}
+#endif
+
+// ------------------------------------------------------------------------------------ conversions
+//
+// convert<To>(v) for the storage types f16, bf16, f32, f64 and the accumulation types f32, f64.
+// Every conversion used here is exact except narrowing, which rounds to nearest even.
+
+template <typename To> struct Convert;
+
+template <> struct Convert<float> {
+  __device__ __forceinline__ static float from(float v) { return v; }
+  __device__ __forceinline__ static float from(double v) { return narrow_rn(v); }
+  __device__ __forceinline__ static float from(__half v) { return __half2float(v); }
+  // bf16 -> f32 is a 16-bit shift; done by hand so no .ftz conversion can touch bf16 subnormals.
+  __device__ __forceinline__ static float from(__nv_bfloat16 v) {
+    return __uint_as_float((unsigned int)__bfloat16_as_ushort(v) << 16);
+  }
+};
+
+template <> struct Convert<double> {
+  __device__ __forceinline__ static double from(float v) { return widen(v); }
+  __device__ __forceinline__ static double from(double v) { return v; }
+  __device__ __forceinline__ static double from(__half v) { return widen(__half2float(v)); }
+  __device__ __forceinline__ static double from(__nv_bfloat16 v) { return widen(Convert<float>::from(v)); }
+};
+
+template <> struct Convert<__half> {
+  __device__ __forceinline__ static __half from(float v) { return __float2half_rn(v); }
+};
+
+template <> struct Convert<__nv_bfloat16> {
+  // Round to nearest even on the bits, as the CPU path does; keeps float subnormals (which are
+  // bf16 subnormals) and quiets NaN, whatever -ftz says.
+  __device__ __forceinline__ static __nv_bfloat16 from(float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return __ushort_as_bfloat16((unsigned short)((u >> 16) | 0x40u));
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return __ushort_as_bfloat16((unsigned short)(u >> 16));
+  }
+};
+
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From v) {
+  return Convert<To>::from(v);
+}
+
+// ------------------------------------------------------------------------------------ vector access
+//
+// A thread that owns V = vec_width<T>() consecutive elements moves them with one 16-byte access
+// when it can, else element by element:
+//   * `n < V` is the tail of a row (only the first n elements exist);
+//   * a pointer that is not 16-byte aligned (a view that starts one element in, or a row whose
+//     length is not a multiple of V) cannot use a vector access.
+// The two pointers of a copy are checked independently: x may be misaligned while y is not.
+
+template <typename T, int V>
+union Pack16 {
+  int4 raw;
+  T e[V];
+};
+
+__device__ __forceinline__ bool is_aligned16(const void* p) {
+  return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull;
+}
+
+// out[k] = convert<A>(p[k]) for k < n; out[k] = 0 for n <= k < V.
+template <int V, typename T, typename A>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, int n, A (&out)[V]) {
+  static_assert(V * sizeof(T) == 16, "load_vec moves 16 bytes");
+  if (n == V && is_aligned16(p)) {
+    Pack16<T, V> pk;
+    pk.raw = __ldg(reinterpret_cast<const int4*>(p));
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = convert<A>(pk.e[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = k < n ? convert<A>(__ldg(p + k)) : A(0);
+  }
+}
+
+// p[k] = convert<T>(in[k]) for k < n; nothing is written at or past p + n.
+template <int V, typename T, typename A>
+__device__ __forceinline__ void store_vec(T* __restrict__ p, int n, const A (&in)[V]) {
+  static_assert(V * sizeof(T) == 16, "store_vec moves 16 bytes");
+  if (n == V && is_aligned16(p)) {
+    Pack16<T, V> pk;
+#pragma unroll
+    for (int k = 0; k < V; ++k) pk.e[k] = convert<T>(in[k]);
+    *reinterpret_cast<int4*>(p) = pk.raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k)
+      if (k < n) p[k] = convert<T>(in[k]);
+  }
+}
+
+// ------------------------------------------------------------------------------------ Welford / Chan
+//
+// Running mean and sum of squared deviations (m2) of n values. The count is an integer so it
+// stays exact past 2^24 elements per group.
+
+template <typename A>
+struct Welford {
+  A mean;
+  A m2;
+  long long n;
+};
+
+template <typename A>
+__device__ __forceinline__ Welford<A> welford_empty() {
+  Welford<A> w;
+  w.mean = A(0);
+  w.m2 = A(0);
+  w.n = 0;
+  return w;
+}
+
+// Adds one value.
+template <typename A>
+__device__ __forceinline__ void welford_push(Welford<A>& w, A x) {
+  w.n += 1;
+  const A d = sub_rn(x, w.mean);
+  w.mean = add_rn(w.mean, div_rn(d, (A)w.n));
+  w.m2 = add_rn(w.m2, mul_rn(d, sub_rn(x, w.mean)));
+}
+
+// Chan et al.'s combine of two disjoint sets; an empty side returns the other unchanged, so the
+// result of combining in a fixed order does not depend on which partials happen to be empty.
+template <typename A>
+__device__ __forceinline__ Welford<A> welford_combine(const Welford<A>& a, const Welford<A>& b) {
+  if (b.n == 0) return a;
+  if (a.n == 0) return b;
+  Welford<A> r;
+  r.n = a.n + b.n;
+  const A fb = div_rn((A)b.n, (A)r.n);  // share of b in the union
+  const A d = sub_rn(b.mean, a.mean);
+  r.mean = add_rn(a.mean, mul_rn(d, fb));
+  r.m2 = add_rn(add_rn(a.m2, b.m2), mul_rn(mul_rn(mul_rn(d, d), (A)a.n), fb));
+  return r;
+}
+
+// Reduction operators for warp_reduce / block_reduce.
+struct SumOp {
+  template <typename V>
+  __device__ __forceinline__ V operator()(const V& a, const V& b) const { return add_rn(a, b); }
+};
+struct WelfordOp {
+  template <typename A>
+  __device__ __forceinline__ Welford<A> operator()(const Welford<A>& a, const Welford<A>& b) const {
+    return welford_combine(a, b);
+  }
+};
+
+// ------------------------------------------------------------------------------------ warp / block reductions
+//
+// Shuffles move at most 8 bytes, so a Welford state travels field by field.
+
+template <typename V>
+__device__ __forceinline__ V shfl_down(V v, unsigned int delta) {
+  return __shfl_down_sync(0xffffffffu, v, delta);
+}
+template <typename A>
+__device__ __forceinline__ Welford<A> shfl_down(const Welford<A>& w, unsigned int delta) {
+  Welford<A> r;
+  r.mean = __shfl_down_sync(0xffffffffu, w.mean, delta);
+  r.m2 = __shfl_down_sync(0xffffffffu, w.m2, delta);
+  r.n = __shfl_down_sync(0xffffffffu, w.n, delta);
+  return r;
+}
+
+// Reduces v over the 32 lanes of a full warp; the result is valid in lane 0. Lane k combines
+// with lane k + delta (never the reverse), so the order of operations is fixed and the result
+// is deterministic even for the non-commutative-in-rounding Chan combine.
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_reduce(V v, Op op) {
+#pragma unroll
+  for (unsigned int delta = 16; delta > 0; delta >>= 1) v = op(v, shfl_down(v, delta));
+  return v;
+}
+
+__device__ __forceinline__ int block_threads() { return (int)(blockDim.x * blockDim.y * blockDim.z); }
+__device__ __forceinline__ int linear_thread_id() {
+  return (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+}
+
+// Reduces v over the whole block; the result is valid in thread 0 (linear id). The block must
+// hold a multiple of 32 threads (full warps), at most 1024. `scratch` points at 32 entries of
+// shared memory; the function ends with a barrier, so scratch may be reused right after it.
+// Every thread of the block must call it (it contains __syncthreads).
+template <typename V, typename Op>
+__device__ __forceinline__ V block_reduce(V v, Op op, V identity, V* scratch) {
+  const int tid = linear_thread_id();
+  const int lane = tid & 31, warp = tid >> 5;
+  const int warps = block_threads() >> 5;
+  v = warp_reduce(v, op);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();  // every warp's partial is in scratch
+  if (warp == 0) {
+    v = lane < warps ? scratch[lane] : identity;
+    v = warp_reduce(v, op);
+  }
+  __syncthreads();  // warp 0 has read scratch before anyone writes it again
+  return v;
+}
+
+}  // namespace cupybn
