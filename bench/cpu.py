@@ -1,9 +1,9 @@
 """CPU benchmark: cupybn's reference path on NumPy input against torch.nn.functional.batch_norm.
 
 BatchNorm training forward, float32, on the shapes of issue 2. Both run in the same process on
-the same data; each time is the median of ``--repeat`` runs after a warm-up. torch uses its
-default intra-op threads, cupybn its block thread pool. The last line printed is
-``worst ratio cupybn/torch: X.XX``.
+the same data, alternating call by call so that a busy machine slows both alike; each time is
+the median of ``--repeat`` runs after a warm-up. torch uses its default intra-op threads,
+cupybn its block thread pool. The last line printed is ``worst ratio cupybn/torch: X.XX``.
 
     python bench/cpu.py [--repeat 15]
 """
@@ -20,19 +20,22 @@ import cupybn
 SHAPES = [(32, 64, 56, 56), (256, 256, 14, 14), (8, 3, 224, 224), (4096, 512)]
 
 
-def median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+def median_ms(fns, repeat: int) -> list[float]:
+    """Median milliseconds of each function, the functions called in turn ``repeat`` times."""
+    times = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    for _ in range(repeat):
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=21)
     args = parser.parse_args()
     try:
         import torch
@@ -52,9 +55,9 @@ def main() -> None:
         tx = torch.from_numpy(x)
         tmean, tvar = torch.zeros(c), torch.ones(c)
         tweight, tbias = torch.ones(c), torch.zeros(c)
-        ours = median_ms(lambda: cupybn.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5), args.repeat)
-        theirs = median_ms(lambda: tf.batch_norm(tx, tmean, tvar, tweight, tbias, True, 0.1, 1e-5),
-                           args.repeat)
+        ours, theirs = median_ms(
+            [lambda: cupybn.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5),
+             lambda: tf.batch_norm(tx, tmean, tvar, tweight, tbias, True, 0.1, 1e-5)], args.repeat)
         ratio = ours / theirs
         worst = max(worst, ratio)
         # DRAM bytes a fused implementation must move at least: read x twice, write y once.

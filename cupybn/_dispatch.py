@@ -116,3 +116,15 @@ def quiet_floating_point():
     import numpy
 
     return numpy.errstate(divide="ignore", invalid="ignore", over="ignore")
+
+
+def binary_into(op, a, b, out) -> None:
+    """``out[...] = op(a, b)`` with no temporary where the framework takes ``out=`` (NumPy, torch).
+
+    ``op`` is an elementwise namespace function such as ``xp.multiply``; frameworks without
+    ``out=`` (array-api-strict) get the plain assignment.
+    """
+    try:
+        op(a, b, out=out)
+    except TypeError:
+        out[...] = op(a, b)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextvars
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -65,6 +66,23 @@ def _executor():
         _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
                                    thread_name_prefix="cupybn")
     return _pool
+
+
+_local = threading.local()
+
+
+def _scratch(xp, shape, dtype):
+    """A per-thread work array of ``shape`` (contents undefined), reused across blocks and calls.
+
+    Reusing it keeps a block's temporaries in cache and spares the page faults of fresh memory.
+    """
+    size = math.prod(shape)
+    key = (xp.__name__, str(dtype))
+    buffers = _local.__dict__.setdefault("buffers", {})
+    buf = buffers.get(key)
+    if buf is None or buf.shape[0] < size:
+        buf = buffers[key] = xp.empty((max(size, _BLOCK_ELEMENTS),), dtype=dtype)
+    return xp.reshape(buf[:size], shape)
 
 
 def accumulation_dtype(xp, dtype):
@@ -139,6 +157,11 @@ class _Grouped:
         a0, a1, c0, c1 = bounds
         return self.xp.astype(self.x[a0:a1, c0:c1, ...], self.acc, copy=copy)
 
+    def block_shape(self, bounds):
+        """Shape of the block at ``bounds``."""
+        a0, a1, c0, c1 = bounds
+        return (a1 - a0, c1 - c0) if self.flat else (a1 - a0, c1 - c0, self.shape[2])
+
     def per_group(self, vec, bounds):
         """``vec[c0:c1]`` shaped to broadcast against a block."""
         v = vec[bounds[2]:bounds[3]]
@@ -194,7 +217,8 @@ def moments(x3) -> Moments:
 
     def block_sums(bounds):
         center = shared[bounds[2]:bounds[3]] if shared is not None else local_center(bounds)
-        d = g.block(bounds) - (center if g.flat else center[:, None])
+        d = _scratch(xp, g.block_shape(bounds), g.acc)
+        _dispatch.binary_into(xp.subtract, g.block(bounds), center if g.flat else center[:, None], d)
         total = g.group_sums(d)
         return center, total, g.group_sums_of_squares(d)
 
@@ -237,15 +261,13 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
     def block(bounds):
         a0, a1, c0, c1 = bounds
         out = y[a0:a1, c0:c1, ...]
-        # Work in place in the output when it has the accumulation dtype, else in a block copy.
-        if x3.dtype == g.acc:
-            out[...] = g.x[a0:a1, c0:c1, ...]
-            t = out
-        else:
-            t = g.block(bounds, copy=True)
-        if center is not None:
-            t -= g.per_group(center, bounds)  # subtract first: exact for large means
-        t *= g.per_group(scale, bounds)
+        # Work in the output when it has the accumulation dtype, else in a scratch block.
+        t = out if x3.dtype == g.acc else _scratch(xp, g.block_shape(bounds), g.acc)
+        if center is None:
+            _dispatch.binary_into(xp.multiply, g.block(bounds), g.per_group(scale, bounds), t)
+        else:  # subtract first: exact for large means
+            _dispatch.binary_into(xp.subtract, g.block(bounds), g.per_group(center, bounds), t)
+            t *= g.per_group(scale, bounds)
         t += g.per_group(shift, bounds)
         if col_scale is not None:
             t *= col_scale
