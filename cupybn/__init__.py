@@ -10,6 +10,9 @@ from ._dispatch import route as _route
 from .functional import batch_norm, group_norm, instance_norm, layer_norm
 from .modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, InstanceNorm1d,
                       InstanceNorm2d, InstanceNorm3d, LayerNorm)
+from .native import (batch_norm_backward, group_norm_backward, instance_norm_backward,
+                     layer_norm_backward, native_batch_norm, native_group_norm,
+                     native_instance_norm, native_layer_norm)
 from .running_stats import RunningStats
 
 __version__ = "0.1.0"
@@ -19,6 +22,8 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "LayerNorm", "GroupNorm", "RunningStats", "path_for", "functional",
+    "native_batch_norm", "native_instance_norm", "native_layer_norm", "native_group_norm",
+    "batch_norm_backward", "instance_norm_backward", "layer_norm_backward", "group_norm_backward",
 ]
 
 

@@ -52,7 +52,7 @@ def as_known_array(x):
     require grad are detached: the functional API is not differentiable.
     """
     if array_api_compat.is_torch_array(x):
-        return x.detach()
+        return detached(x)
     if array_api_compat.is_array_api_obj(x):
         try:
             array_api_compat.array_namespace(x)
@@ -68,6 +68,15 @@ def as_known_array(x):
     import numpy
 
     return numpy.from_dlpack(x)
+
+
+def detached(a):
+    """``a`` without autograd history (torch tensors); other arrays unchanged.
+
+    The reference math writes into arrays it allocates (``out=``, in-place operators), which
+    autograd refuses for inputs that require grad; differentiation is :mod:`cupybn.torch`'s job.
+    """
+    return a.detach() if array_api_compat.is_torch_array(a) else a
 
 
 def namespace(*arrays):
@@ -100,8 +109,7 @@ def convert_like(a, like):
     if a is None or same_framework(a, like):
         return a
     xp = namespace(like)
-    if array_api_compat.is_torch_array(a):
-        a = a.detach()
+    a = detached(a)
     try:
         return xp.from_dlpack(a)
     except (BufferError, TypeError, RuntimeError):

@@ -278,3 +278,51 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
 
     _map_blocks(block, g.shape)
     return xp.reshape(y, g.shape)
+
+
+# ------------------------------------------------------------------------------------ backward
+#
+# The backward of every norm on the same ``(A, C, L)`` view as the forward. With
+# ``xhat = (x - mean) * invstd`` per group and ``g`` the gradient that reaches ``xhat`` (``dy``,
+# or ``dy`` times an affine weight that varies inside a group: layer norm's elementwise weight,
+# group norm's per-channel weight), the gradient of the input is
+#
+#     dx = scale * (g - sum(g) / n - xhat * sum(g * xhat) / n)          (n = A * L per group)
+#
+# where ``scale`` is ``invstd`` times any per-group weight. Sums accumulate in float32 (float64
+# for float64 input); arithmetic on whole arrays: the backward is a reference, not a fast path.
+
+def grad_sums(g3, x3, mean, invstd):
+    """Per-group ``(sum(g), sum(g * xhat))`` over axes 0 and 2 of two ``(A, C, L)`` arrays.
+
+    ``xhat = (x - mean) * invstd`` with ``mean`` / ``invstd`` of shape ``(C,)``. Results have shape
+    ``(C,)`` in the accumulation dtype of ``x3``.
+    """
+    xp = _dispatch.namespace(x3)
+    acc = accumulation_dtype(xp, x3.dtype)
+    g = xp.astype(g3, acc, copy=False)
+    d = xp.astype(x3, acc) - mean[:, None]  # a fresh array: astype copies or subtract allocates
+    d *= g
+    sum_g = xp.sum(g, axis=(0, 2))
+    sum_g_xmu = xp.sum(d, axis=(0, 2))
+    return sum_g, sum_g_xmu * invstd
+
+
+def normalize_backward(g3, x3, mean, invstd, scale, sum_g, sum_g_xhat, dtype):
+    """``scale * (g - sum_g / n - xhat * sum_g_xhat / n)`` over a ``(A, C, L)`` view, as ``dtype``.
+
+    ``mean``, ``invstd``, ``scale``, ``sum_g``, ``sum_g_xhat`` have shape ``(C,)`` (see
+    :func:`grad_sums`); ``n = A * L``. Used by every training-mode backward.
+    """
+    xp = _dispatch.namespace(x3)
+    acc = accumulation_dtype(xp, x3.dtype)
+    a, _, l = x3.shape
+    n = a * l
+    g = xp.astype(g3, acc, copy=False)
+    k = (sum_g_xhat / n) * invstd  # xhat * sum_g_xhat / n == (x - mean) * k
+    t = xp.astype(x3, acc) - mean[:, None]
+    t *= -k[:, None]
+    t += g
+    t -= (sum_g / n)[:, None]
+    t *= scale[:, None]
+    return xp.astype(t, dtype, copy=False)

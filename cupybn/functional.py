@@ -54,6 +54,7 @@ def _param(a, like, acc):
     The cast happens on the owner's side first: the input's framework may lack the parameter's
     dtype (array-api-strict has no float16).
     """
+    a = _dispatch.detached(a)
     if not _dispatch.same_framework(a, like):
         owner = _dispatch.namespace(a)
         a = owner.astype(a, getattr(owner, _checks.dtype_name(acc)))

@@ -717,3 +717,20 @@ def test_float32_input_with_float64_params_and_stats(cupybn, backend, rng, seed)
     # the batch statistics were accumulated in float32: float32 accuracy
     assert_close(RM, rme, "float32", "running_mean", seed)
     assert_close(RV, rve, "float32", "running_var", seed)
+
+
+def test_torch_parameters_that_require_grad(cupybn, rng):
+    """nn.Parameter-like weight/bias (requires_grad) work on the torch CPU path, same values as detached."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((2, 4, 7)).astype(np.float32))
+    w = torch.from_numpy(rng.standard_normal(4).astype(np.float32)).requires_grad_()
+    b = torch.from_numpy(rng.standard_normal(4).astype(np.float32)).requires_grad_()
+    calls = [
+        lambda w, b: cupybn.batch_norm(x, None, None, w, b, training=True),
+        lambda w, b: cupybn.instance_norm(x, weight=w, bias=b),
+        lambda w, b: cupybn.group_norm(x, 2, w, b),
+    ]
+    for call in calls:
+        y = call(w, b)
+        assert not y.requires_grad
+        np.testing.assert_array_equal(y.numpy(), call(w.detach(), b.detach()).numpy())
