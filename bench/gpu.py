@@ -1,7 +1,7 @@
-"""GPU benchmark: cupybn's BatchNorm eval forward against torch and cuDNN.
+"""GPU benchmark: cupybn's BatchNorm eval and training forward against torch and cuDNN.
 
-    python bench/gpu.py                       # default shapes, every dtype
-    python bench/gpu.py --dtypes float16 --shapes 32x64x56x56 256x1024 --repeat 200
+    python bench/gpu.py                       # default shapes, every dtype, eval and train
+    python bench/gpu.py --dtypes float16 --shapes 32x64x56x56 256x1024 --repeat 200 --modes train
 
 For each shape and dtype it times, with CUDA events on one stream (median of --repeat runs after
 warm-up):
@@ -14,8 +14,13 @@ warm-up):
 * ``cupyx.cudnn``   -- ``cupyx.cudnn.batch_normalization_forward_inference`` where this CuPy still
   ships it (removed in CuPy 14).
 
-and prints the time, the effective bandwidth (x read once + y written once, parameters
-ignored) and each baseline's time divided by cupybn's (> 1: cupybn is faster). Parameters are
+Training rows (``train``) time the training forward with running statistics (momentum 0.1,
+updated in place) and, for cupybn, a device-side ``num_batches_tracked``; torch's rows call
+``batch_norm(training=True)`` with running statistics; cupyx.cudnn is eval only.
+
+It prints the time, the effective bandwidth (eval: x read once + y written once; train: x read
+twice + y written once -- the minimum for a two-pass design; parameters ignored) and each
+baseline's time divided by cupybn's (> 1: cupybn is faster). Parameters are
 float32 for float16/bfloat16/float32 input (torch's mixed-precision layout) and float64 for
 float64 input.
 
@@ -64,6 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=DTYPES, choices=DTYPES)
     parser.add_argument("--repeat", type=int, default=50)
     parser.add_argument("--eps", type=float, default=1e-5)
+    parser.add_argument("--modes", nargs="+", default=["eval", "train"], choices=["eval", "train"])
     args = parser.parse_args(argv)
 
     try:
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
           f"torch {torch.__version__ if torch else 'missing'}; median of {args.repeat} runs")
     if cudnn_note:
         print(cudnn_note)
-    header = (f"{'shape':>18} {'dtype':>8} | {'cupybn(torch)':>20} | {'cupybn(cupy)':>13} | "
+    header = (f"{'shape':>18} {'dtype':>8} {'mode':>5} | {'cupybn(torch)':>20} | {'cupybn(cupy)':>13} | "
               f"{'torch cudnn':>15} | {'torch native':>15} | {'cupyx.cudnn':>15}")
     print(header)
     print("-" * len(header))
@@ -110,9 +116,11 @@ def main(argv=None) -> int:
     for shape_text in args.shapes:
         shape = tuple(int(s) for s in shape_text.lower().split("x"))
         c = shape[1]
-        for dtype in args.dtypes:
+        for dtype, mode in ((d, m) for d in args.dtypes for m in args.modes):
+            train = mode == "train"
             p_dtype = "float64" if dtype == "float64" else "float32"
-            nbytes = 2 * _numel(shape) * (2 if dtype in ("float16", "bfloat16") else 4 if dtype == "float32" else 8)
+            nbytes = (3 if train else 2) * _numel(shape) * (
+                2 if dtype in ("float16", "bfloat16") else 4 if dtype == "float32" else 8)
             row = {}
             if have_torch:
                 tx = torch.randn(shape, device="cuda", dtype=torch.float32).to(getattr(torch, dtype))
@@ -122,20 +130,22 @@ def main(argv=None) -> int:
                 def torch_stream_ctx():  # torch's current stream as CuPy's (what cupybn itself does)
                     return _cuda.interop.input_stream(tx)
 
-                row["cupybn(torch)"] = _time(lambda: _cuda.batch_norm_forward(tx, *tp, False, 0.1, args.eps),
-                                             torch_stream_ctx, args.repeat)
+                tnbt = torch.zeros((), dtype=torch.int64, device="cuda")
+                row["cupybn(torch)"] = _time(lambda: _cuda.batch_norm_forward(
+                    tx, *tp, train, 0.1, args.eps, num_batches_tracked=tnbt), torch_stream_ctx, args.repeat)
                 for label, enabled in (("torch cudnn", True), ("torch native", False)):
                     with torch.backends.cudnn.flags(enabled=enabled):
                         row[label] = _time(lambda: torch.nn.functional.batch_norm(
-                            tx, tp[0], tp[1], tp[2], tp[3], training=False, eps=args.eps), torch_stream_ctx,
+                            tx, tp[0], tp[1], tp[2], tp[3], training=train, eps=args.eps), torch_stream_ctx,
                             args.repeat)
             if dtype != "bfloat16":
                 cx = cupy.random.standard_normal(shape, dtype=cupy.float32).astype(dtype)
                 cp = [cupy.random.standard_normal(c).astype(p_dtype) for _ in range(4)]
                 cp[1] = cupy.abs(cp[1]) + 0.5
-                row["cupybn(cupy)"] = _time(lambda: _cuda.batch_norm_forward(cx, *cp, False, 0.1, args.eps),
-                                            null_ctx, args.repeat)
-                if cx_cudnn is not None and len(shape) in (4, 5):
+                cnbt = cupy.zeros((), dtype=cupy.int64)
+                row["cupybn(cupy)"] = _time(lambda: _cuda.batch_norm_forward(
+                    cx, *cp, train, 0.1, args.eps, num_batches_tracked=cnbt), null_ctx, args.repeat)
+                if cx_cudnn is not None and len(shape) in (4, 5) and not train:
                     def run_cudnn():
                         return cx_cudnn.batch_normalization_forward_inference(
                             cx, cp[2], cp[3], cp[0], cp[1], args.eps, len(shape) == 4, cudnn_mode)
@@ -154,11 +164,12 @@ def main(argv=None) -> int:
                     return f"{t * 1e3:7.1f}us {gbs:7.0f}GB/s".rjust(width)
                 return f"{t * 1e3:6.1f}us x{t / ours:4.2f}".rjust(width)
 
-            print(f"{shape_text:>18} {dtype:>8} | {cell('cupybn(torch)', 20, True)} | "
+            print(f"{shape_text:>18} {dtype:>8} {mode:>5} | {cell('cupybn(torch)', 20, True)} | "
                   f"{cell('cupybn(cupy)', 13) if 'cupybn(torch)' in row else cell('cupybn(cupy)', 13, True)} | "
                   f"{cell('torch cudnn', 15)} | {cell('torch native', 15)} | {cell('cupyx.cudnn', 15)}")
     print("\nus: median time per call between events on the stream (host overhead shows when the GPU idles);\n"
-          "GB/s: (x read + y written) / time; x<r>: that column's time / cupybn's (> 1: cupybn is faster).")
+          "GB/s: (x read + y written) / time, x read twice in train;\n"
+          "x<r>: that column's time / cupybn's (> 1: cupybn is faster).")
     return 0
 
 

@@ -129,7 +129,8 @@ def _batch_norm(input, stats: RunningStats | None, weight, bias, training: bool,
     if _dispatch.route(x) == "gpu":
         return _gpu_kernel("batch_norm_forward")(
             x, None if stats is None else stats.mean, None if stats is None else stats.var,
-            weight, bias, training, None if stats is None else stats.momentum, eps)
+            weight, bias, training, None if stats is None else stats.momentum, eps,
+            num_batches_tracked=stats.num_batches_tracked if stats is not None and stats.count_batches else None)
 
     xp = _dispatch.namespace(x)
     acc = _reference.accumulation_dtype(xp, x.dtype)

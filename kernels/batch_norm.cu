@@ -13,8 +13,13 @@
 //     scale  = (1 / sqrt(running_var[c] + eps)) * weight[c]      (weight None -> 1)
 //     shift  = bias[c]                                           (bias None -> 0)
 //
-// and in training (kStats == kInvStd, issue 4) `var_or_invstd` already holds 1/sqrt(var + eps)
-// from the statistics kernel.
+// and in training (kStats == kInvStd) `var_or_invstd` already holds 1/sqrt(var + eps) from the
+// statistics kernel (kernels/moments.cu), `mean` the batch mean rounded to acc_t<T> and `offset`
+// the exact remainder (batch mean - mean), folded into the shift:
+//
+//     center = mean[c], scale = invstd[c] * weight[c], shift = bias[c] - offset[c] * scale
+//
+// (`offset` is null in eval).
 //
 // Why subtract first: (x - mean) is exact when x is near the mean (Sterbenz), so a float32
 // channel with mean 1e4 and std 1e-2 keeps every significant bit; the folded form
@@ -58,13 +63,15 @@ template <int kStats, typename A, typename S, typename P>
 __device__ __forceinline__ ChannelAffine<A> channel_affine(index_t c, const S* __restrict__ mean,
                                                            const S* __restrict__ var_or_invstd,
                                                            const P* __restrict__ weight,
-                                                           const P* __restrict__ bias, A eps) {
+                                                           const P* __restrict__ bias, A eps,
+                                                           const S* __restrict__ offset) {
   const A stat = convert<A>(__ldg(var_or_invstd + c));
   const A invstd = kStats == kRunningVar ? div_rn(A(1), sqrt_rn(add_rn(stat, eps))) : stat;
   ChannelAffine<A> a;
   a.center = convert<A>(__ldg(mean + c));
   a.scale = weight != nullptr ? mul_rn(invstd, convert<A>(__ldg(weight + c))) : invstd;
   a.shift = bias != nullptr ? convert<A>(__ldg(bias + c)) : A(0);
+  if (offset != nullptr) a.shift = sub_rn(a.shift, mul_rn(convert<A>(__ldg(offset + c)), a.scale));
   return a;
 }
 
@@ -74,7 +81,8 @@ template <typename T, typename S, typename P, int kStats>
 __global__ void __launch_bounds__(kNormalizeThreads)
     batch_norm_normalize(const T* __restrict__ x, T* __restrict__ y, index_t rows, index_t cols,
                          index_t inner, const S* __restrict__ mean, const S* __restrict__ var_or_invstd,
-                         const P* __restrict__ weight, const P* __restrict__ bias, acc_t<T> eps) {
+                         const P* __restrict__ weight, const P* __restrict__ bias, acc_t<T> eps,
+                         const S* __restrict__ offset) {
   typedef acc_t<T> A;
   constexpr int V = vec_width<T>();
 
@@ -87,13 +95,13 @@ __global__ void __launch_bounds__(kNormalizeThreads)
   ChannelAffine<A> aff[V];
   index_t c = col0 / inner;
   index_t in_channel = col0 - c * inner;  // position of the column inside its channel
-  aff[0] = channel_affine<kStats>(c, mean, var_or_invstd, weight, bias, eps);
+  aff[0] = channel_affine<kStats>(c, mean, var_or_invstd, weight, bias, eps, offset);
 #pragma unroll
   for (int k = 1; k < V; ++k) {
     if (k < n && ++in_channel == inner) {
       in_channel = 0;
       ++c;
-      aff[k] = channel_affine<kStats>(c, mean, var_or_invstd, weight, bias, eps);
+      aff[k] = channel_affine<kStats>(c, mean, var_or_invstd, weight, bias, eps, offset);
     } else {
       aff[k] = aff[k - 1];
     }

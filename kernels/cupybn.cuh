@@ -99,6 +99,11 @@ __device__ __forceinline__ double widen(float a) {
 }
 #endif
 
+// x == 0 (either sign) without a float compare: under -ftz=true `x == 0.f` becomes setp.eq.ftz,
+// which calls every subnormal zero.
+__device__ __forceinline__ bool is_zero(float a) { return (__float_as_uint(a) & 0x7fffffffu) == 0u; }
+__device__ __forceinline__ bool is_zero(double a) { return a == 0.0; }
+
 // ------------------------------------------------------------------------------------ conversions
 //
 // convert<To>(v) for the storage types f16, bf16, f32, f64 and the accumulation types f32, f64.

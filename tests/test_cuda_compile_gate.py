@@ -183,6 +183,21 @@ def test_the_list_is_what_the_planner_emits():
         vec = [planner.Operand(None, (3,), (1,), p_dtype) for _ in range(4)]
         for launch in planner.plan_batch_norm_eval_forward(x, y, *vec, eps=1e-5):
             emitted.add((launch.source, launch.kernel))
+        # training: x_dtype x running-stat dtype (p_dtype) x affine dtype (p_dtype), and no running
+        # statistics / no affine parameters
+        acc = planner.Operand(None, (3,), (1,), planner.accumulation_dtype(x_dtype))
+        nbt = planner.Operand(None, (), (), "int64")
+        for running, affine in ((vec[0], vec[2]), (None, None)):
+            plan = planner.plan_batch_norm_train_forward(x, y, acc, acc, running, running, nbt, affine, affine,
+                                                         None, 1e-5, save_offset=acc)
+            emitted.update((launch.source, launch.kernel) for launch in plan)
+        # (N, C) input with many channels: the column statistics kernel
+        xc = planner.Operand(None, (4, 64), (64, 1), x_dtype)
+        accc = planner.Operand(None, (64,), (1,), planner.accumulation_dtype(x_dtype))
+        vecc = planner.Operand(None, (64,), (1,), p_dtype)
+        plan = planner.plan_batch_norm_train_forward(xc, xc, accc, accc, vecc, vecc, nbt, None, None, 0.1, 1e-5)
+        assert plan[0].notes["columns"]
+        emitted.update((launch.source, launch.kernel) for launch in plan)
     assert emitted == set(planner.INSTANTIATIONS)
 
 

@@ -109,12 +109,96 @@ def test_cupy_mixed_parameter_dtypes_and_optional_affine():
     _assert_exact(cupy.asnumpy(y).astype(np.float64), xs["x"], p, 1e-5, "float16", use_bias=False)
 
 
-def test_cupy_empty_batch_and_training():
+def test_cupy_empty_batch():
     x = cupy.zeros((0, 3, 4), np.float32)
     vec = cupy.ones(3, np.float32)
     assert _cuda.batch_norm_forward(x, vec, vec, None, None, False, 0.1, 1e-5).shape == (0, 3, 4)
-    with pytest.raises(NotImplementedError, match="issue 4"):
-        _cuda.batch_norm_forward(cupy.ones((2, 3)), vec, vec, None, None, True, 0.1, 1e-5)
+    nbt = cupy.zeros((), cupy.int64)
+    y = _cuda.batch_norm_forward(x, vec, vec, None, None, True, 0.1, 1e-5, num_batches_tracked=nbt)
+    assert y.shape == (0, 3, 4) and int(nbt) == 1 and (vec == 1).all()
+
+
+# ------------------------------------------------------------------------------------ training, CuPy
+
+TRAIN_SHAPES = [(5, 7), (64, 3), (3, 4, 11), (2, 3, 5, 7), (2, 3, 3, 4, 5), (4, 6, 1, 1), (1, 3, 8, 8),
+                (8, 64, 28, 28), (64, 3, 64, 64), (256, 32), (16, 32, 100)]
+
+
+def _train_reference(x64, rm, rv, w, b, momentum, eps, nbt):
+    """float64 oracle of one training step: (y, new running mean, new running var)."""
+    axes = (0,) + tuple(range(2, x64.ndim))
+    bc = (1, -1) + (1,) * (x64.ndim - 2)
+    mean, var = x64.mean(axis=axes), x64.var(axis=axes)
+    n = x64.size // x64.shape[1]
+    with np.errstate(divide="ignore"):
+        invstd = np.where((var == 0) & (eps == 0), 0.0, 1.0 / np.sqrt(var + eps))
+    y = (x64 - mean.reshape(bc)) * (invstd * w).reshape(bc) + b.reshape(bc)
+    f = 1.0 / (nbt + 1) if momentum is None else momentum
+    return y, (1 - f) * rm + f * mean, (1 - f) * rv + f * var * n / (n - 1)
+
+
+@pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("x_dtype", CUPY_DTYPES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_cupy_training_matches_the_oracle(x_dtype, shape, momentum):
+    rng = np.random.default_rng(10)
+    c = shape[1]
+    x64 = (rng.standard_normal(shape) * 2 + 1).astype(x_dtype).astype(np.float64)
+    p = np.float64 if x_dtype == "float64" else np.float32
+    w, b = rng.standard_normal(c).astype(p), rng.standard_normal(c).astype(p)
+    rm, rv = (rng.standard_normal(c) * 0.1).astype(p), rng.uniform(0.5, 2, c).astype(p)
+    x = cupy.asarray(x64.astype(x_dtype))
+    rm_d, rv_d, nbt = cupy.asarray(rm), cupy.asarray(rv), cupy.asarray(np.int64(4))
+    y = _cuda.batch_norm_forward(x, rm_d, rv_d, cupy.asarray(w), cupy.asarray(b), True, momentum, 1e-5,
+                                 num_batches_tracked=nbt)
+    y_ref, rm_ref, rv_ref = _train_reference(x64, rm.astype(np.float64), rv.astype(np.float64), w, b, momentum,
+                                             1e-5, 4)
+    out_eps = {"float16": 2.0**-10, "float32": 2.0**-20, "float64": 2.0**-44}[x_dtype]
+    np.testing.assert_allclose(cupy.asnumpy(y).astype(np.float64), y_ref, rtol=2 * out_eps, atol=8 * out_eps)
+    stat_eps = 2.0**-44 if x_dtype == "float64" else 2.0**-19
+    np.testing.assert_allclose(cupy.asnumpy(rm_d), rm_ref, rtol=stat_eps, atol=stat_eps)
+    np.testing.assert_allclose(cupy.asnumpy(rv_d), rv_ref, rtol=stat_eps, atol=stat_eps)
+    assert int(nbt) == 5
+
+
+def test_cupy_training_is_bitwise_repeatable_and_reuses_counters():
+    rng = np.random.default_rng(11)
+    x = cupy.asarray((rng.standard_normal((32, 3, 64, 64)) * 3 + 2).astype(np.float16))
+    outs = []
+    for _ in range(3):
+        rm, rv = cupy.zeros(3, np.float32), cupy.ones(3, np.float32)
+        y, mean, invstd = _cuda.batch_norm_training_forward(x, rm, rv, None, None, 0.1, 1e-5)
+        outs.append([cupy.asnumpy(a).tobytes() for a in (y, mean, invstd, rm, rv)])
+    assert outs[0] == outs[1] == outs[2]
+    from cupybn._cuda.launchers import cupy_launcher
+
+    counters = cupy_launcher().counters(1)
+    assert not counters.any()  # every kernel left its counters at zero
+
+
+def test_cupy_training_large_mean_and_eps_zero():
+    rng = np.random.default_rng(12)
+    x64 = (1e4 + 1e-2 * rng.standard_normal((16, 3, 50))).astype(np.float32).astype(np.float64)
+    y = _cuda.batch_norm_forward(cupy.asarray(x64.astype(np.float32)), None, None, None, None, True, 0.1, 1e-5)
+    ref = (x64 - x64.mean(axis=(0, 2), keepdims=True)) / np.sqrt(x64.var(axis=(0, 2), keepdims=True) + 1e-5)
+    assert np.abs(cupy.asnumpy(y) - ref).max() <= 1e-3
+    xc = cupy.full((4, 2, 5), 0.75, np.float32)
+    b = cupy.asarray(np.array([0.5, -1.0], np.float32))
+    y = _cuda.batch_norm_forward(xc, None, None, None, b, True, 0.1, 0.0)
+    assert (cupy.asnumpy(y)[:, 0] == 0.5).all() and (cupy.asnumpy(y)[:, 1] == -1.0).all()
+
+
+def test_cupy_training_on_a_side_stream():
+    rng = np.random.default_rng(13)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        x = cupy.asarray(rng.standard_normal((8, 16, 32, 32)).astype(np.float32))
+        rm, rv = cupy.zeros(16, np.float32), cupy.ones(16, np.float32)
+        y = _cuda.batch_norm_forward(x, rm, rv, None, None, True, 0.1, 1e-5)
+    stream.synchronize()
+    x64 = cupy.asnumpy(x).astype(np.float64)
+    ref = (x64 - x64.mean(axis=(0, 2, 3), keepdims=True)) / np.sqrt(x64.var(axis=(0, 2, 3), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(cupy.asnumpy(y), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_is_gpu_array():
@@ -193,6 +277,53 @@ def test_torch_input_with_cupy_parameters():
     y = _cuda.batch_norm_forward(_torch(xs["x"], "float32"), *params, False, 0.1, 1e-5)
     assert isinstance(y, torch.Tensor)
     _assert_exact(y.double().cpu().numpy(), xs["x"], p, 1e-5, "float32")
+
+
+@needs_torch
+@pytest.mark.parametrize("cls,shape", [("BatchNorm1d", (256, 32)), ("BatchNorm1d", (16, 32, 100)),
+                                       ("BatchNorm2d", (8, 64, 28, 28)), ("BatchNorm2d", (4, 3, 64, 64)),
+                                       ("BatchNorm3d", (2, 4, 6, 8, 10))])
+@pytest.mark.parametrize("x_dtype", TORCH_DTYPES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_training_matches_torch(cls, shape, x_dtype, momentum):
+    """cupybn.batch_norm (training) on CUDA torch tensors against torch's own BatchNorm, 3 steps."""
+    import cupybn
+
+    p_dtype = torch.float64 if x_dtype == "float64" else torch.float32
+    ref = getattr(torch.nn, cls)(shape[1], momentum=momentum).to(device="cuda", dtype=p_dtype)
+    rm, rv = ref.running_mean.clone(), ref.running_var.clone()
+    nbt = torch.zeros((), dtype=torch.int64, device="cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    tol = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-5, "float64": 1e-12}[x_dtype]
+    for _ in range(3):
+        x = (torch.randn(shape, device="cuda", generator=gen) * 2 + 1).to(_torch_dtype(x_dtype))
+        stats = cupybn.RunningStats.wrap(rm, rv, momentum, nbt, count_batches=True)
+        from cupybn import functional as F
+
+        y = F._batch_norm(x, stats, ref.weight.detach(), ref.bias.detach(), True, ref.eps)
+        y_ref = ref(x.to(p_dtype) if x_dtype in ("bfloat16", "float16") else x).detach()
+        torch.testing.assert_close(y.double(), y_ref.double(), rtol=tol, atol=tol)
+        torch.testing.assert_close(rm.double(), ref.running_mean.double(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rv.double(), ref.running_var.double(), rtol=1e-5, atol=1e-6)
+        assert int(nbt) == int(ref.num_batches_tracked)
+
+
+@needs_torch
+def test_torch_training_without_host_sync():
+    x = torch.randn((16, 32, 28, 28), device="cuda", dtype=torch.float16)
+    rm = torch.zeros(32, device="cuda")
+    rv = torch.ones(32, device="cuda")
+    nbt = torch.zeros((), dtype=torch.int64, device="cuda")
+    _cuda.batch_norm_forward(x, rm, rv, None, None, True, None, 1e-5, num_batches_tracked=nbt)  # compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = _cuda.batch_norm_forward(x, rm, rv, None, None, True, None, 1e-5, num_batches_tracked=nbt)
+        y2 = y * 1
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert int(nbt) == 2 and torch.isfinite(y2).all()
 
 
 def test_quantize_helper_is_shared():  # keeps the import list honest if the emulator module changes

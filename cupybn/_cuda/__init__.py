@@ -14,29 +14,42 @@ from __future__ import annotations
 
 from .interop import is_gpu_array
 
-__all__ = ["batch_norm_forward", "is_gpu_array"]
+__all__ = ["batch_norm_forward", "batch_norm_training_forward", "is_gpu_array"]
 
 
-def batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps):
+def _require_cupy():
+    """The GPU path computes with CuPy; without it, say so (a torch-only install lands here)."""
+    try:
+        import cupy  # noqa: F401
+    except ImportError as exc:
+        raise NotImplementedError("the GPU path needs CuPy (pip install cupy-cuda12x); "
+                                  "CPU inputs (NumPy, torch CPU) work without it") from exc
+
+
+def batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       num_batches_tracked=None):
     """GPU path of ``cupybn.batch_norm``.
 
     ``input`` is a ``cupy.ndarray``, a CUDA ``torch.Tensor`` or another CUDA ``__dlpack__``
     producer; the other arrays are on the same device, any framework, or ``None``. Arguments are
-    already validated (shapes, dtypes, rank >= 2, eps >= 0). Returns the output in the input's
-    framework and dtype, computed on the current stream (torch's current stream for torch input,
-    CuPy's otherwise) without a host sync.
+    already validated (shapes, dtypes, rank >= 2, eps >= 0, more than one value per channel in
+    training, momentum). Returns the output in the input's framework and dtype, computed on the
+    current stream (torch's current stream for torch input, CuPy's otherwise) without a host sync.
 
     Eval (``training=False`` with running statistics) is one kernel launch:
-    ``y = (x - running_mean) * (1 / sqrt(running_var + eps) * weight) + bias``. Non-contiguous
-    input is made contiguous first; parameters of mixed dtypes are widened to one dtype.
-    Training, and eval without running statistics, raise ``NotImplementedError`` (issue 4).
+    ``y = (x - running_mean) * (1 / sqrt(running_var + eps) * weight) + bias``.
+    Training is two launches (:func:`batch_norm_training_forward`): per-channel statistics with the
+    running-statistics update fused in (``num_batches_tracked``, a 0-d int64 device array, is
+    incremented on the device; ``momentum=None`` uses ``1 / num_batches_tracked`` after the
+    increment), then the normalize. Non-contiguous input is made contiguous first; parameters of
+    mixed dtypes are widened to one dtype.
     """
-    del momentum  # used by the training forward (issue 4)
+    _require_cupy()
     if training:
-        raise NotImplementedError("BatchNorm training forward on the GPU path (issue 4)")
+        return batch_norm_training_forward(input, running_mean, running_var, weight, bias, momentum, eps,
+                                           num_batches_tracked)[0]
     if running_mean is None or running_var is None:
-        raise NotImplementedError("BatchNorm forward with batch statistics (no running statistics) "
-                                  "on the GPU path (issue 4)")
+        raise ValueError("running_mean and running_var must be given when training=False")
     from . import interop, planner
     from .launchers import cupy_launcher
 
@@ -58,3 +71,57 @@ def batch_norm_forward(input, running_mean, running_var, weight, bias, training,
             device=launcher.device_info())
         launcher.launch(plan)
     return interop.to_native(input, native)
+
+
+def batch_norm_training_forward(input, running_mean, running_var, weight, bias, momentum, eps,
+                                num_batches_tracked=None):
+    """BatchNorm training forward on the GPU: ``(output, save_mean, save_invstd)``.
+
+    ``save_mean`` / ``save_invstd`` are CuPy ``(C,)`` arrays in the accumulation dtype (float32;
+    float64 for float64 input), as ATen's ``native_batch_norm`` returns them (for the backward).
+    ``running_mean`` / ``running_var`` (optional, any one float dtype, contiguous) are updated in
+    place on the device, ``num_batches_tracked`` (optional 0-d int64) incremented there. Two kernel
+    launches, no host sync; an empty batch launches only the counter update (or nothing).
+    """
+    from . import interop, planner
+    from .launchers import cupy_launcher
+
+    launcher = cupy_launcher()
+    with interop.input_stream(input):
+        import cupy
+
+        x, x_dtype = interop.as_cupy(input, "input")
+        x = interop.contiguous(x)
+        affine = {name: interop.as_cupy(a, name) for name, a in (("weight", weight), ("bias", bias))}
+        param_dtype = interop.promote(d for _, d in affine.values())
+        ops = {name: None if arr is None else
+               planner.Operand.of(interop.contiguous(interop.cast(arr, d, param_dtype)), param_dtype)
+               for name, (arr, d) in affine.items()}
+        running = {}
+        for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+            arr, d = interop.as_cupy(a, name)
+            if arr is not None and arr.size > 1 and arr.strides[0] != arr.dtype.itemsize:
+                raise NotImplementedError(f"{name} must be contiguous on the GPU path (it is updated in place)")
+            running[name] = None if arr is None else planner.Operand.of(arr, d)
+        if running["running_mean"] is not None and running["running_mean"].dtype != running["running_var"].dtype:
+            raise NotImplementedError("running_mean and running_var of different dtypes on the GPU path "
+                                      f"({running['running_mean'].dtype} / {running['running_var'].dtype})")
+        nbt = None
+        if num_batches_tracked is not None:
+            arr, d = interop.as_cupy(num_batches_tracked, "num_batches_tracked")
+            if d != "int64":
+                raise TypeError(f"num_batches_tracked must be int64, got {d}")
+            nbt = planner.Operand.of(arr)
+        acc = planner.accumulation_dtype(x_dtype)
+        channels = int(x.shape[1])
+        save_mean = cupy.empty((channels,), dtype=acc)
+        save_invstd = cupy.empty((channels,), dtype=acc)
+        save_offset = cupy.empty((channels,), dtype=acc)
+        native, y = interop.empty_output(input, x, x_dtype)
+        plan = planner.plan_batch_norm_train_forward(
+            planner.Operand.of(x, x_dtype), planner.Operand.of(y, x_dtype),
+            planner.Operand.of(save_mean), planner.Operand.of(save_invstd),
+            running["running_mean"], running["running_var"], nbt, ops["weight"], ops["bias"],
+            momentum, eps, device=launcher.device_info(), save_offset=planner.Operand.of(save_offset))
+        launcher.launch(plan)
+    return interop.to_native(input, native), save_mean, save_invstd

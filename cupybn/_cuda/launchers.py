@@ -29,7 +29,30 @@ class CupyLauncher:
         self._kernel_dir = kernel_dir
         self._modules = {}
         self._device_info = {}
+        self._counters = {}
         self._lock = threading.Lock()
+
+    def counters(self, words: int):
+        """The zero-on-entry counters (``planner.COUNTERS``) of the current device and stream.
+
+        Allocated zeroed once per (device, stream) and reused by every launch on that stream: the
+        kernels reset every counter they use before they exit, so the buffer is all zero between
+        launches and no launch needs a memset (a graph that captured a launch replays correctly).
+        A launch that needs more counters than cached gets a new zeroed buffer (the old one, used
+        only on this stream, goes back to the pool in stream order). At least 4096 words, so the
+        first allocation usually serves every later launch.
+        """
+        import cupy
+
+        key = (cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+        buf = self._counters.get(key)
+        if buf is None or buf.size < words:
+            with self._lock:
+                buf = self._counters.get(key)
+                if buf is None or buf.size < words:
+                    buf = cupy.zeros((max(words, 4096),), dtype=cupy.uint32)
+                    self._counters[key] = buf
+        return buf
 
     def module(self, source_name: str, kernel: str):
         """The compiled ``RawModule`` of ``kernel`` (a name expression) on the current device."""
@@ -67,8 +90,14 @@ class CupyLauncher:
     def launch(self, plan) -> None:
         """Run every launch of ``plan`` in order on the current CuPy stream (asynchronously)."""
         for launch in plan:
-            if launch.workspace_bytes:
-                raise NotImplementedError("launches with a workspace arrive with issue 4")
+            if launch.workspace_bytes or launch.counter_words:
+                import cupy
+
+                # scratch: from CuPy's pool, stream-ordered on the current stream, so freeing it
+                # after the (asynchronous) launch is safe
+                scratch = cupy.empty((launch.workspace_bytes,), dtype=cupy.uint8) if launch.workspace_bytes else None
+                counters = self.counters(launch.counter_words) if launch.counter_words else None
+                launch = launch.with_workspace(scratch, counters)
             planner.check_args(launch.kernel, launch.signature, launch.args)
             kernel = self.module(launch.source, launch.kernel).get_function(launch.kernel)
             kernel(launch.grid, launch.block, _marshal(launch.args), shared_mem=launch.smem)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import emulator
+import numpy as np
 from cupybn._cuda import planner, source
 
 
@@ -41,6 +42,23 @@ class EmulatorLauncher:
         self.seed = seed
         self.defines = tuple(defines)
         self._modules = {}
+        #: the zero-on-entry counters (planner.COUNTERS) of this launcher's "stream", allocated
+        #: zeroed once and reused by every launch (the kernels leave them zero), grown on demand
+        self.counters = None
+        #: the scratch buffer (planner.SCRATCH) of the latest launch that needed one
+        self.last_scratch = None
+
+    def workspace(self, launch):
+        """``(scratch, counters)`` for ``launch``: scratch is fresh, poisoned memory (0xFF, like
+        stale memory from a pool); counters are the cached zeroed buffer (a new zeroed one when the
+        cached one is too small), as the CuPy launcher does per device and stream."""
+        scratch = None
+        if launch.workspace_bytes:
+            scratch = emulator.empty((launch.workspace_bytes,), np.uint8)
+            self.last_scratch = scratch
+        if launch.counter_words and (self.counters is None or self.counters.size < launch.counter_words):
+            self.counters = emulator.zeros((max(launch.counter_words, 256),), np.uint32)
+        return scratch, self.counters
 
     def module(self, source_name: str):
         """The emulator module of ``source_name``, built with every instantiation it holds."""
@@ -61,8 +79,7 @@ class EmulatorLauncher:
     def launch(self, plan) -> None:
         """Run every launch of ``plan`` in order; raises ``emulator.CudaCpuError`` on a detected bug."""
         for launch in plan:
-            if launch.workspace_bytes:
-                raise NotImplementedError("launches with a workspace arrive with issue 4")
+            launch = launch.with_workspace(*self.workspace(launch))
             kernel = self.module(launch.source)[launch.kernel]
             signature = tuple(kernel.signature)
             if signature != tuple(launch.signature):

@@ -1,0 +1,98 @@
+"""Memory traffic of cupybn's GPU kernels, measured in the CUDA emulator (no GPU needed).
+
+    python bench/traffic.py           # a table
+    python bench/traffic.py --json    # one JSON object per case, one a line
+
+Each case plans the op with the GPU path's planner (``cupybn._cuda.planner``), runs the launches
+on the CPU emulator (``tests/emulator``) and counts, per launch and page, the bytes of x and y the
+launches touch (``emulator.Module.track``). Columns:
+
+* ``launches`` -- kernel launches of one forward call;
+* ``x_passes`` -- bytes of x touched, summed over the launches, over the size of x (1 = x streamed
+  once); ``y_passes`` -- the same for y;
+* ``grid`` -- grid sizes of the launches (statistics launch: channels x blocks per channel).
+
+The plans are made for an H100 (132 SMs), the default ``planner.DeviceInfo``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import numpy as np  # noqa: E402
+
+import emulator  # noqa: E402
+from cupybn._cuda import planner  # noqa: E402
+from emulator.launcher import EmulatorLauncher  # noqa: E402
+
+CASES = [
+    ("BatchNorm2d train", (8, 64, 28, 28), "float32"),
+    ("BatchNorm2d train", (4, 3, 64, 64), "float32"),
+    ("BatchNorm2d train", (8, 64, 28, 28), "float16"),
+    ("BatchNorm2d train", (4, 3, 64, 64), "float16"),
+    ("BatchNorm2d eval", (8, 64, 28, 28), "float32"),
+    ("BatchNorm2d eval", (4, 3, 64, 64), "float32"),
+    ("BatchNorm2d eval", (8, 64, 28, 28), "float16"),
+    ("BatchNorm2d eval", (4, 3, 64, 64), "float16"),
+    ("BatchNorm1d train", (256, 32), "float32"),
+    ("BatchNorm1d train", (16, 32, 100), "float32"),
+]
+
+
+def run_case(launcher: EmulatorLauncher, op: str, shape, dtype: str) -> dict:
+    rng = np.random.default_rng(0)
+    c = shape[1]
+    acc = planner.accumulation_dtype(dtype)
+    x = emulator.array((rng.standard_normal(shape) * 2 + 1).astype(dtype))
+    y = emulator.empty(shape, dtype)
+    vec = lambda v: planner.Operand.of(emulator.array(np.asarray(v, np.float32)))  # noqa: E731
+    weight, bias = vec(rng.standard_normal(c)), vec(rng.standard_normal(c))
+    running_mean, running_var = vec(np.zeros(c)), vec(np.ones(c))
+    X, Y = planner.Operand.of(x), planner.Operand.of(y)
+    device = launcher.device_info()
+    if op.endswith("train"):
+        saved = [planner.Operand.of(emulator.empty((c,), acc)) for _ in range(3)]
+        nbt = planner.Operand.of(emulator.zeros((), np.int64))
+        plan = planner.plan_batch_norm_train_forward(X, Y, saved[0], saved[1], running_mean, running_var, nbt,
+                                                     weight, bias, 0.1, 1e-5, device=device, save_offset=saved[2])
+    else:
+        plan = planner.plan_batch_norm_eval_forward(X, Y, running_mean, running_var, weight, bias, 1e-5,
+                                                    device=device)
+    mod = launcher.module(plan[0].source)
+    with mod.track(x=x, y=y) as t:
+        launcher.launch(plan)
+    return {"op": op, "shape": list(shape), "dtype": dtype, "launches": t.launches,
+            "x_passes": round(t.passes("x"), 4), "y_passes": round(t.passes("y"), 4),
+            "grid": [launch.grid[0] * launch.grid[1] for launch in plan],
+            "block": [math.prod(launch.block) for launch in plan]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="one JSON object per case, one a line")
+    args = parser.parse_args(argv)
+    launcher = EmulatorLauncher()
+    start = time.perf_counter()
+    rows = [run_case(launcher, *case) for case in CASES]
+    if args.json:
+        for row in rows:
+            print(json.dumps({k: row[k] for k in ("op", "shape", "dtype", "launches", "x_passes", "y_passes")}))
+        return 0
+    print(f"{'op':<20}{'shape':<18}{'dtype':<9}{'launches':>9}{'x_passes':>10}{'y_passes':>10}   grid (blocks)")
+    for r in rows:
+        print(f"{r['op']:<20}{'x'.join(map(str, r['shape'])):<18}{r['dtype']:<9}{r['launches']:>9}"
+              f"{r['x_passes']:>10.3g}{r['y_passes']:>10.3g}   {r['grid']} x {r['block']} threads")
+    print(f"({time.perf_counter() - start:.1f} s in the emulator)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
