@@ -254,6 +254,22 @@ def _normalized_shape(normalized_shape) -> tuple[int, ...]:
                         f"got {type(normalized_shape).__name__}") from None
 
 
+def _check_layer_norm(x, normalized_shape, weight, bias) -> tuple[int, ...]:
+    """``normalized_shape`` as a tuple, checked against the input and the affine parameters."""
+    shape = _normalized_shape(normalized_shape)
+    k = len(shape)
+    if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
+        raise ValueError(f"Given normalized_shape={list(shape)}, expected input with shape "
+                         f"[*, {', '.join(map(str, shape))}], but got input of size {tuple(x.shape)}")
+    for a, name in ((weight, "weight"), (bias, "bias")):
+        if a is not None:
+            _checks.check_floating(a, name)
+            if tuple(a.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(a.shape)}")
+            _checks.check_same_device(x, a, name)
+    return shape
+
+
 @_quiet
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     r"""Layer normalization over the last ``len(normalized_shape)`` dimensions.
@@ -266,17 +282,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         - input: ``(*, *normalized_shape)``; output: same shape and dtype
     """
     x = _as_input(input)
-    shape = _normalized_shape(normalized_shape)
-    k = len(shape)
-    if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
-        raise ValueError(f"Given normalized_shape={list(shape)}, expected input with shape "
-                         f"[*, {', '.join(map(str, shape))}], but got input of size {tuple(x.shape)}")
-    for a, name in ((weight, "weight"), (bias, "bias")):
-        if a is not None:
-            _checks.check_floating(a, name)
-            if tuple(a.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(a.shape)}")
-            _checks.check_same_device(x, a, name)
+    shape = _check_layer_norm(x, normalized_shape, weight, bias)
     eps = _checks.check_eps(eps, allow_negative=True)
     if _dispatch.route(x) == "gpu":
         return _gpu_kernel("layer_norm_forward")(x, shape, weight, bias, eps)

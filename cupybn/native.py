@@ -376,21 +376,6 @@ def instance_norm_backward(grad_output, input, weight, running_mean, running_var
 
 # ----------------------------------------------------------------------------------- layer norm
 
-def _check_layer_norm(x, normalized_shape, weight, bias):
-    shape = F._normalized_shape(normalized_shape)
-    k = len(shape)
-    if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k:]) != shape:
-        raise ValueError(f"Given normalized_shape={list(shape)}, expected input with shape "
-                         f"[*, {', '.join(map(str, shape))}], but got input of size {tuple(x.shape)}")
-    for a, name in ((weight, "weight"), (bias, "bias")):
-        if a is not None:
-            _checks.check_floating(a, name)
-            if tuple(a.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape} (normalized_shape), got {tuple(a.shape)}")
-            _checks.check_same_device(x, a, name)
-    return shape
-
-
 @_entry
 def native_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Layer norm forward returning ``(output, mean, rstd)``, as ATen's ``native_layer_norm``.
@@ -399,7 +384,7 @@ def native_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5)
     with ``k = len(normalized_shape)``, in the accumulation dtype.
     """
     x = F._as_input(input)
-    shape = _check_layer_norm(x, normalized_shape, weight, bias)
+    shape = F._check_layer_norm(x, normalized_shape, weight, bias)
     eps = _checks.check_eps(eps, allow_negative=True)
     if _dispatch.route(x) == "gpu":
         return _gpu("native_layer_norm", x, shape, weight, bias, eps)
@@ -432,7 +417,7 @@ def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight
     """
     x = F._as_input(input)
     mask = _mask(output_mask)
-    shape = _check_layer_norm(x, normalized_shape, weight, bias)
+    shape = F._check_layer_norm(x, normalized_shape, weight, bias)
     g = _grad_output(grad_output, x)
     if _dispatch.route(x) == "gpu":
         return _gpu("layer_norm_backward", g, x, shape, mean, rstd, weight, bias, mask)
