@@ -12,6 +12,9 @@ launches touch (``emulator.Module.track``). Columns:
   once); ``y_passes`` -- the same for y;
 * ``grid`` -- grid sizes of the launches (statistics launch: channels x blocks per channel).
 
+LayerNorm / GroupNorm / InstanceNorm run on kernels/fused_groups.cu (planner.plan_groups_forward):
+groups that fit on chip are read once and written once in one launch.
+
 The plans are made for an H100 (132 SMs), the default ``planner.DeviceInfo``.
 """
 from __future__ import annotations
@@ -44,6 +47,14 @@ CASES = [
     ("BatchNorm2d eval", (4, 3, 64, 64), "float16"),
     ("BatchNorm1d train", (256, 32), "float32"),
     ("BatchNorm1d train", (16, 32, 100), "float32"),
+    ("LayerNorm", (4096, 768), "float32"),
+    ("LayerNorm", (4096, 768), "float16"),
+    ("LayerNorm", (64, 8192), "float32"),
+    ("LayerNorm", (64, 8192), "float16"),
+    ("GroupNorm G=32", (8, 64, 28, 28), "float32"),
+    ("GroupNorm G=32", (8, 64, 28, 28), "float16"),
+    ("InstanceNorm2d", (8, 16, 32, 32), "float32"),
+    ("InstanceNorm2d", (8, 16, 32, 32), "float16"),
 ]
 
 
@@ -58,7 +69,9 @@ def run_case(launcher: EmulatorLauncher, op: str, shape, dtype: str) -> dict:
     running_mean, running_var = vec(np.zeros(c)), vec(np.ones(c))
     X, Y = planner.Operand.of(x), planner.Operand.of(y)
     device = launcher.device_info()
-    if op.endswith("train"):
+    if op == "LayerNorm" or op.startswith(("GroupNorm", "InstanceNorm")):
+        plan = _groups_plan(op, shape, dtype, X, Y, rng, device)
+    elif op.endswith("train"):
         saved = [planner.Operand.of(emulator.empty((c,), acc)) for _ in range(3)]
         nbt = planner.Operand.of(emulator.zeros((), np.int64))
         plan = planner.plan_batch_norm_train_forward(X, Y, saved[0], saved[1], running_mean, running_var, nbt,
@@ -73,6 +86,24 @@ def run_case(launcher: EmulatorLauncher, op: str, shape, dtype: str) -> dict:
             "x_passes": round(t.passes("x"), 4), "y_passes": round(t.passes("y"), 4),
             "grid": [launch.grid[0] * launch.grid[1] for launch in plan],
             "block": [math.prod(launch.block) for launch in plan]}
+
+
+def _groups_plan(op, shape, dtype, X, Y, rng, device):
+    """Layer norm (elementwise affine over the last dimension), group norm (G from the name,
+    per-channel affine), instance norm (running statistics, per-channel affine)."""
+    vec = lambda v: planner.Operand.of(emulator.array(np.asarray(v, np.float32)))  # noqa: E731
+    running = {}
+    if op == "LayerNorm":
+        layout, p = planner.layer_norm_layout(shape, shape[-1:]), shape[-1]
+    elif op.startswith("GroupNorm"):
+        layout, p = planner.group_norm_layout(shape, int(op.split("G=")[1])), shape[1]
+    else:
+        layout, p = planner.instance_norm_layout(shape), shape[1]
+        running = dict(running_mean=vec(np.zeros(p)), running_var=vec(np.ones(p)))
+    acc = planner.accumulation_dtype(dtype)
+    save = tuple(planner.Operand.of(emulator.empty((layout.groups,), acc)) for _ in range(3))
+    return planner.plan_groups_forward(X, Y, layout, vec(rng.standard_normal(p)), vec(rng.standard_normal(p)),
+                                       1e-5, op.startswith("InstanceNorm"), save=save, device=device, **running)
 
 
 def main(argv=None) -> int:

@@ -113,7 +113,7 @@ __global__ void __launch_bounds__(kNormalizeThreads)
     A v[V];
     load_vec<V>(x + offset, n, v);
 #pragma unroll
-    for (int k = 0; k < V; ++k) v[k] = add_rn(mul_rn(sub_rn(v[k], aff[k].center), aff[k].scale), aff[k].shift);
+    for (int k = 0; k < V; ++k) v[k] = normalize_rn(v[k], aff[k].center, aff[k].scale, aff[k].shift);
     store_vec<V>(y + offset, n, v);
   }
 }

@@ -104,6 +104,21 @@ __device__ __forceinline__ double widen(float a) {
 __device__ __forceinline__ bool is_zero(float a) { return (__float_as_uint(a) & 0x7fffffffu) == 0u; }
 __device__ __forceinline__ bool is_zero(double a) { return a == 0.0; }
 
+// 1 / sqrt(var + eps) of a group; with zero_var_rule (batch and instance norm, ATen's rule) 0 when
+// var == 0 and eps == 0. Layer and group norm use the plain formula (any eps, even negative).
+template <typename A>
+__device__ __forceinline__ A inverse_std(A var, A eps, int zero_var_rule) {
+  if (zero_var_rule && is_zero(var) && is_zero(eps)) return A(0);
+  return div_rn(A(1), sqrt_rn(add_rn(var, eps)));
+}
+
+// The normalize step of every norm (batch, instance, layer, group): (v - center) * scale + shift,
+// each operation rounded on its own. Subtracting first keeps data near its mean exact (Sterbenz).
+template <typename A>
+__device__ __forceinline__ A normalize_rn(A v, A center, A scale, A shift) {
+  return add_rn(mul_rn(sub_rn(v, center), scale), shift);
+}
+
 // ------------------------------------------------------------------------------------ conversions
 //
 // convert<To>(v) for the storage types f16, bf16, f32, f64 and the accumulation types f32, f64.
@@ -241,6 +256,31 @@ __device__ __forceinline__ Welford<A> welford_combine(const Welford<A>& a, const
   r.mean = add_rn(a.mean, mul_rn(d, fb));
   r.m2 = add_rn(add_rn(a.m2, b.m2), mul_rn(mul_rn(mul_rn(d, d), (A)a.n), fb));
   return r;
+}
+
+// Adds the first n (1 <= n <= V) values of v: their mean and m2 by two passes in registers, then
+// one Chan combine, so a thread pays one division per vector instead of one per element
+// (Welford's division per element would make the f16/bf16 kernel compute-bound).
+template <int V, typename A>
+__device__ __forceinline__ void welford_push_vector(Welford<A>& w, const A (&v)[V], int n) {
+  A sum = v[0];
+#pragma unroll
+  for (int k = 1; k < V; ++k)
+    if (k < n) sum = add_rn(sum, v[k]);
+  // a whole vector divides by a power of two (exact, a multiply); a tail by n
+  const A mean = n == V ? mul_rn(sum, A(1) / A(V)) : div_rn(sum, (A)n);
+  A m2 = A(0);
+#pragma unroll
+  for (int k = 0; k < V; ++k)
+    if (k < n) {
+      const A d = sub_rn(v[k], mean);
+      m2 = add_rn(m2, mul_rn(d, d));
+    }
+  Welford<A> b;
+  b.mean = mean;
+  b.m2 = m2;
+  b.n = n;
+  w = welford_combine(w, b);
 }
 
 // Reduction operators for warp_reduce / block_reduce.

@@ -71,30 +71,7 @@ __device__ __forceinline__ V load_shared_partial(const V* p) {
   return __ldcg(p);
 }
 
-// Adds the first n (1 <= n <= V) values of v: their mean and m2 by two passes in registers, then
-// one Chan combine, so a thread pays one division per vector instead of one per element
-// (Welford's division per element would make the f16/bf16 kernel compute-bound).
-template <int V, typename A>
-__device__ __forceinline__ void welford_push_vector(Welford<A>& w, const A (&v)[V], int n) {
-  A sum = v[0];
-#pragma unroll
-  for (int k = 1; k < V; ++k)
-    if (k < n) sum = add_rn(sum, v[k]);
-  // a whole vector divides by a power of two (exact, a multiply); a tail by n
-  const A mean = n == V ? mul_rn(sum, A(1) / A(V)) : div_rn(sum, (A)n);
-  A m2 = A(0);
-#pragma unroll
-  for (int k = 0; k < V; ++k)
-    if (k < n) {
-      const A d = sub_rn(v[k], mean);
-      m2 = add_rn(m2, mul_rn(d, d));
-    }
-  Welford<A> b;
-  b.mean = mean;
-  b.m2 = m2;
-  b.n = n;
-  w = welford_combine(w, b);
-}
+// welford_push_vector (cupybn.cuh) folds one vector into a thread's Welford state.
 
 // Finishes group c: saved statistics and the running-statistics update.
 template <typename A, typename R>
@@ -112,7 +89,7 @@ __device__ __forceinline__ void moments_epilogue(index_t c, A pivot, const Welfo
   const A mean = add_rn(pivot, w.mean);
   save_mean[c] = mean;
   if (save_offset != nullptr) save_offset[c] = add_rn(sub_rn(pivot, mean), w.mean);
-  save_invstd[c] = (is_zero(var) && is_zero(eps)) ? A(0) : div_rn(A(1), sqrt_rn(add_rn(var, eps)));
+  save_invstd[c] = inverse_std(var, eps, 1);
   if (running_mean == nullptr) return;
   U factor, keep;
   if (cumulative) {

@@ -198,6 +198,14 @@ def test_the_list_is_what_the_planner_emits():
         plan = planner.plan_batch_norm_train_forward(xc, xc, accc, accc, vecc, vecc, nbt, None, None, 0.1, 1e-5)
         assert plan[0].notes["columns"]
         emitted.update((launch.source, launch.kernel) for launch in plan)
+        # layer / group / instance norm (kernels/fused_groups.cu): fused and split paths
+        xg = planner.Operand(None, (2, 4, 9), (36, 9, 1), x_dtype)
+        accg = planner.Operand(None, (8,), (1,), planner.accumulation_dtype(x_dtype))
+        wg = planner.Operand(None, (4,), (1,), p_dtype)
+        for path in ("warp", "block", "split") if x_dtype != "float64" else ("block", "split"):
+            plan = planner.plan_groups_forward(xg, xg, planner.instance_norm_layout(xg.shape), wg, wg, 1e-5, True,
+                                               save=(accg, accg, accg), path=path)
+            emitted.update((launch.source, launch.kernel) for launch in plan)
     assert emitted == set(planner.INSTANTIATIONS)
 
 

@@ -326,5 +326,67 @@ def test_torch_training_without_host_sync():
     assert int(nbt) == 2 and torch.isfinite(y2).all()
 
 
+# ------------------------------------------------------------------------------------ layer / group / instance norm
+
+_GROUP_TOL = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-5, "float64": 1e-12}
+
+
+@needs_torch
+@pytest.mark.parametrize("shape,normalized", [((4096, 768), (768,)), ((64, 8192), (8192,)), ((6, 7), (7,)),
+                                              ((3, 5, 40), (5, 40)), ((4, 20000), (20000,))], ids=str)
+@pytest.mark.parametrize("x_dtype", TORCH_DTYPES)
+def test_torch_layer_norm_matches_torch(shape, normalized, x_dtype):
+    """cupybn.layer_norm on CUDA torch tensors (warp, block, split paths) against torch."""
+    import cupybn
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = (torch.randn(shape, device="cuda", generator=gen) * 2 + 1).to(_torch_dtype(x_dtype))
+    w = torch.randn(normalized, device="cuda", generator=gen).to(x.dtype)
+    b = torch.randn(normalized, device="cuda", generator=gen).to(x.dtype)
+    y = cupybn.layer_norm(x, normalized, w, b, 1e-5)
+    y_ref = torch.nn.functional.layer_norm(x.double(), normalized, w.double(), b.double(), 1e-5)
+    tol = _GROUP_TOL[x_dtype]
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
+
+
+@needs_torch
+@pytest.mark.parametrize("shape,groups", [((8, 64, 28, 28), 32), ((2, 4, 5), 2), ((2, 6, 3000), 1)], ids=str)
+@pytest.mark.parametrize("x_dtype", TORCH_DTYPES)
+def test_torch_group_norm_matches_torch(shape, groups, x_dtype):
+    import cupybn
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    x = (torch.randn(shape, device="cuda", generator=gen) * 2 + 1).to(_torch_dtype(x_dtype))
+    w = torch.randn(shape[1], device="cuda", generator=gen)
+    b = torch.randn(shape[1], device="cuda", generator=gen)
+    y = cupybn.group_norm(x, groups, w, b, 1e-5)
+    y_ref = torch.nn.functional.group_norm(x.double(), groups, w.double(), b.double(), 1e-5)
+    tol = _GROUP_TOL[x_dtype]
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
+
+
+@needs_torch
+@pytest.mark.parametrize("shape", [(8, 16, 32, 32), (3, 4, 9), (2, 3, 3, 4, 5), (2, 2, 20000)], ids=str)
+@pytest.mark.parametrize("x_dtype", TORCH_DTYPES)
+def test_torch_instance_norm_matches_torch(shape, x_dtype):
+    """cupybn.instance_norm with running statistics against torch, 3 steps, no host sync needed."""
+    import cupybn
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    c = shape[1]
+    rm, rv = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    rm_ref, rv_ref = rm.double(), rv.double()
+    w = torch.randn(c, device="cuda", generator=gen)
+    b = torch.randn(c, device="cuda", generator=gen)
+    tol = _GROUP_TOL[x_dtype]
+    for _ in range(3):
+        x = (torch.randn(shape, device="cuda", generator=gen) * 2 + 1).to(_torch_dtype(x_dtype))
+        y = cupybn.instance_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+        y_ref = torch.nn.functional.instance_norm(x.double(), rm_ref, rv_ref, w.double(), b.double(), True, 0.1, 1e-5)
+        torch.testing.assert_close(y.double(), y_ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(rm.double(), rm_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rv.double(), rv_ref, rtol=1e-5, atol=1e-6)
+
+
 def test_quantize_helper_is_shared():  # keeps the import list honest if the emulator module changes
     assert quantize(np.array([1.0]), "float32")[1][0] == 1.0

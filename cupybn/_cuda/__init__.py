@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from .interop import is_gpu_array
 
-__all__ = ["batch_norm_forward", "batch_norm_training_forward", "is_gpu_array"]
+__all__ = ["batch_norm_forward", "batch_norm_training_forward", "group_norm_forward", "instance_norm_forward",
+           "is_gpu_array", "layer_norm_forward"]
 
 
 def _require_cupy():
@@ -125,3 +126,76 @@ def batch_norm_training_forward(input, running_mean, running_var, weight, bias, 
             momentum, eps, device=launcher.device_info(), save_offset=planner.Operand.of(save_offset))
         launcher.launch(plan)
     return interop.to_native(input, native), save_mean, save_invstd
+
+
+# ------------------------------------------------------------------------------------ layer / group / instance norm
+
+def _groups_forward(input, layout_of, weight, bias, eps, zero_var_rule, running_mean=None, running_var=None,
+                    momentum=0.1):
+    """The shared GPU path of layer, group and instance norm: contiguous groups of ``x``, one
+    statistic per group, per-element affine (``planner.plan_groups_forward``). One launch for groups
+    that fit on chip, two for few very large groups. No host sync."""
+    _require_cupy()
+    from . import interop, planner
+    from .launchers import cupy_launcher
+
+    launcher = cupy_launcher()
+    with interop.input_stream(input):
+        import cupy
+
+        x, x_dtype = interop.as_cupy(input, "input")
+        x = interop.contiguous(x)
+        layout = layout_of(tuple(int(s) for s in x.shape))
+        affine = {name: interop.as_cupy(a, name) for name, a in (("weight", weight), ("bias", bias))}
+        param_dtype = interop.promote(d for _, d in affine.values())
+        ops = {name: None if arr is None else
+               planner.Operand.of(interop.contiguous(interop.cast(arr, d, param_dtype)).reshape(-1), param_dtype)
+               for name, (arr, d) in affine.items()}
+        running = {}
+        for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+            arr, d = interop.as_cupy(a, name)
+            if arr is not None and arr.size > 1 and arr.strides[0] != arr.dtype.itemsize:
+                raise NotImplementedError(f"{name} must be contiguous on the GPU path (it is updated in place)")
+            running[name] = None if arr is None else planner.Operand.of(arr, d)
+        if running["running_mean"] is not None and running["running_mean"].dtype != running["running_var"].dtype:
+            raise NotImplementedError("running_mean and running_var of different dtypes on the GPU path")
+        acc = planner.accumulation_dtype(x_dtype)
+        save = tuple(planner.Operand.of(cupy.empty((max(layout.groups, 1),), dtype=acc)) for _ in range(3))
+        save = tuple(planner.Operand(s.buf, (layout.groups,), (1,), s.dtype) for s in save)
+        native, y = interop.empty_output(input, x, x_dtype)
+        plan = planner.plan_groups_forward(
+            planner.Operand.of(x, x_dtype), planner.Operand.of(y, x_dtype), layout, ops["weight"], ops["bias"],
+            eps, zero_var_rule, running["running_mean"], running["running_var"], momentum, save=save,
+            device=launcher.device_info())
+        launcher.launch(plan)
+    return interop.to_native(input, native)
+
+
+def layer_norm_forward(input, normalized_shape, weight, bias, eps):
+    """GPU path of ``cupybn.layer_norm`` (arguments validated): rows of ``prod(normalized_shape)``
+    elements, elementwise ``weight`` / ``bias`` of shape ``normalized_shape`` (optional).
+    One launch for rows of up to 8192 values (4096 f64); see ``planner.plan_groups_forward``."""
+    from . import planner
+
+    shape = tuple(int(s) for s in normalized_shape)
+    return _groups_forward(input, lambda s: planner.layer_norm_layout(s, shape), weight, bias, eps, False)
+
+
+def group_norm_forward(input, num_groups, weight, bias, eps):
+    """GPU path of ``cupybn.group_norm`` (arguments validated): groups of ``C / G * spatial``
+    values per sample, per-channel ``weight`` / ``bias``."""
+    from . import planner
+
+    return _groups_forward(input, lambda s: planner.group_norm_layout(s, int(num_groups)), weight, bias, eps,
+                           False)
+
+
+def instance_norm_forward(input, running_mean, running_var, weight, bias, momentum, eps):
+    """GPU path of ``cupybn.instance_norm`` with ``use_input_stats=True`` (arguments validated):
+    per-(sample, channel) statistics; ``running_mean`` / ``running_var`` (optional) updated in
+    place on the device with the mean over the batch of the per-instance statistics (unbiased
+    variance), ``momentum`` as given (None already mapped to 0). Batch norm's eps == 0 rule."""
+    from . import planner
+
+    return _groups_forward(input, planner.instance_norm_layout, weight, bias, eps, True, running_mean,
+                           running_var, 0.0 if momentum is None else momentum)
