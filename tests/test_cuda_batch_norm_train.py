@@ -523,19 +523,34 @@ def emulated_gpu(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", _FakeCupy)
     monkeypatch.setattr(interop, "device_id", lambda x: 0)
     monkeypatch.setattr(launchers, "cupy_launcher", lambda: adapter)
-    cpu_route = _dispatch.route
+    # The fake CuPy makes every ndarray look like a CuPy array: route and name devices by where
+    # the memory lives, so that a plain NumPy array still takes the CPU path it is compared with.
+    real_route, real_name = _dispatch.route, _dispatch.device_name
+
+    def on_emulator(x):
+        return isinstance(x, np.ndarray) and emulator._region(x.__array_interface__["data"][0]) is not None
 
     def route(x):
-        if isinstance(x, np.ndarray) and emulator._region(x.__array_interface__["data"][0]) is not None:
-            return "gpu"
-        return cpu_route(x)
+        if isinstance(x, np.ndarray):
+            return "gpu" if on_emulator(x) else "cpu"
+        return real_route(x)
+
+    def device_name(x):
+        if isinstance(x, np.ndarray):
+            return "cuda:0" if on_emulator(x) else "cpu"
+        return real_name(x)
 
     monkeypatch.setattr(_dispatch, "route", route)
+    monkeypatch.setattr(_dispatch, "device_name", device_name)
     return adapter
 
 
 def _to_emulator(layer):
-    """Put a layer's running statistics in emulator memory (the kernels update them in place)."""
+    """Put a layer's parameters and running statistics in emulator memory ("on the GPU"; the
+    kernels update the statistics in place)."""
+    for name in ("weight", "bias"):
+        if getattr(layer, name, None) is not None:
+            setattr(layer, name, emulator.array(getattr(layer, name)))
     st = layer._stats
     if st is not None:
         st.mean, st.var = emulator.array(st.mean), emulator.array(st.var)
@@ -583,7 +598,8 @@ def test_functional_matches_the_cpu_path(emulated_gpu, x_dtype):
     rm_c, rv_c = np.zeros(3, p), np.ones(3, p)
     rm_g, rv_g = emulator.array(rm_c), emulator.array(rv_c)
     w = rng.standard_normal(3).astype(p)
-    y_g = cupybn.batch_norm(emulator.array(x), rm_g, rv_g, w, None, training=True, momentum=0.3, eps=1e-3)
+    y_g = cupybn.batch_norm(emulator.array(x), rm_g, rv_g, emulator.array(w), None, training=True, momentum=0.3,
+                            eps=1e-3)
     y_c = cupybn.batch_norm(x, rm_c, rv_c, w, None, training=True, momentum=0.3, eps=1e-3)
     tol = 1e-12 if x_dtype == "float64" else 2e-3
     np.testing.assert_allclose(np.asarray(y_g, np.float64), np.asarray(y_c, np.float64), rtol=tol, atol=tol)

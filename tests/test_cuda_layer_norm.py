@@ -265,37 +265,14 @@ def test_fallbacks_read_x_twice(path, launches):
 # ------------------------------------------------------------------------------------ layers on the emulated GPU path
 
 @pytest.fixture
-def emulated(emulated_gpu, monkeypatch):
-    """``emulated_gpu`` (test_cuda_batch_norm_train) with routes and device names by memory: an
-    emulator-memory array is on "cuda:0" (GPU path), any other NumPy array on the CPU (CPU path).
-    The fake CuPy makes every ndarray look like a CuPy array, so both must be pinned down."""
-    from cupybn import _dispatch
-
-    real_name, real_route = _dispatch.device_name, _dispatch.route
-
-    def on_emulator(x):
-        return emulator._region(x.__array_interface__["data"][0]) is not None
-
-    def device_name(x):
-        if isinstance(x, np.ndarray):
-            return "cuda:0" if on_emulator(x) else "cpu"
-        return real_name(x)
-
-    def route(x):
-        if isinstance(x, np.ndarray):
-            return "gpu" if on_emulator(x) else "cpu"
-        return real_route(x)
-
-    monkeypatch.setattr(_dispatch, "device_name", device_name)
-    monkeypatch.setattr(_dispatch, "route", route)
+def emulated(emulated_gpu):
+    """The emulated GPU path (test_cuda_batch_norm_train): emulator-memory arrays take the GPU
+    path, other NumPy arrays the CPU path they are compared with."""
     return emulated_gpu
 
 
 def to_emulator(layer):
     """A layer's parameters and running statistics in emulator memory ("on the GPU")."""
-    for name in ("weight", "bias"):
-        if getattr(layer, name, None) is not None:
-            setattr(layer, name, emulator.array(getattr(layer, name)))
     _to_emulator(layer)
     return layer
 
