@@ -668,10 +668,14 @@ LARGE = [("batch", (64, 8, 32, 32)), ("batch_flat", (300000, 2)), ("instance", (
 
 @pytest.mark.parametrize("kind,shape", LARGE, ids=[k for k, _ in LARGE])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_large_inputs(cupybn, backend, kind, shape, dtype, seed):
-    """Inputs of 0.5-1M elements: several blocks, combined across threads; same values as the oracle,
-    bitwise identical on a second call."""
+@pytest.mark.parametrize("threads", [False, True], ids=["serial", "threads"])
+def test_large_inputs(cupybn, backend, kind, shape, dtype, seed, threads, monkeypatch):
+    """Inputs of 0.5-1M elements: several blocks, combined in one thread or across the pool's
+    threads; same values as the oracle, bitwise identical on a second call."""
     require(backend, dtype)
+    from cupybn import _reference
+
+    monkeypatch.setattr(_reference, "_PARALLEL_MIN_ELEMENTS", 0 if threads else 1 << 62)
     rng = np.random.default_rng(seed)
     x64 = make_input(rng, shape, dtype, offset=3.0, scale=2.0)
     if kind.startswith("batch"):
