@@ -132,13 +132,22 @@ def _batch_norm(input, stats: RunningStats | None, weight, bias, training: bool,
             weight, bias, training, None if stats is None else stats.momentum, eps,
             num_batches_tracked=stats.num_batches_tracked if stats is not None and stats.count_batches else None)
 
+    return _batch_norm_reference(x, stats, weight, bias, training, eps)[0]
+
+
+def _batch_norm_reference(x, stats: RunningStats | None, weight, bias, training: bool, eps: float):
+    """Reference path of a checked batch norm: ``(y, save_mean, save_invstd)``.
+
+    The saved statistics (accumulation dtype, ``(C,)``) are None in eval and for an empty batch;
+    :mod:`cupybn.native` returns them, the functional API only ``y``.
+    """
     xp = _dispatch.namespace(x)
     acc = _reference.accumulation_dtype(xp, x.dtype)
     x3 = _channel_stats_view(x)
     if _numel(x) == 0:  # empty batch: nothing to normalize; BatchNorm still counts the call
         if training and stats is not None:
             stats.update(None, None, 0)
-        return xp.empty_like(x)
+        return xp.empty_like(x), None, None
     if training:
         m = _reference.moments(x3)
         invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=True)
@@ -151,10 +160,12 @@ def _batch_norm(input, stats: RunningStats | None, weight, bias, training: bool,
     shift = xp.zeros_like(scale) if bias is None else _param(bias, x, acc)
     if offset is not None:
         shift = shift - offset * scale
-    y = _reference.normalize(x3, center, scale, shift)
-    if training and stats is not None:
+    y = xp.reshape(_reference.normalize(x3, center, scale, shift), x.shape)
+    if not training:
+        return y, None, None
+    if stats is not None:
         stats.update(m.mean, m.var, m.count)
-    return xp.reshape(y, x.shape)
+    return y, m.mean, invstd
 
 
 @_quiet
@@ -217,11 +228,18 @@ def _instance_norm(input, stats: RunningStats | None, weight, bias, use_input_st
             x, None if stats is None else stats.mean, None if stats is None else stats.var,
             weight, bias, None if stats is None else stats.momentum, eps)
 
+    return _instance_norm_reference(x, stats, weight, bias, eps)[0]
+
+
+def _instance_norm_reference(x, stats: RunningStats | None, weight, bias, eps: float):
+    """Reference path of a checked instance norm with input statistics: ``(y, mean, invstd)``,
+    saved statistics per (sample, channel), shape ``(N*C,)``; None for an empty batch."""
     xp = _dispatch.namespace(x)
     if _numel(x) == 0:
-        return xp.empty_like(x)
+        return xp.empty_like(x), None, None
+    n, c = x.shape[0], x.shape[1]
     acc = _reference.accumulation_dtype(xp, x.dtype)
-    x3 = xp.reshape(x, (1, n * c, spatial))
+    x3 = xp.reshape(x, (1, n * c, math.prod(x.shape[2:])))
     m = _reference.moments(x3)
     # instance norm is batch norm on the (1, N*C, L) view in ATen, so it shares the eps == 0 rule
     invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=True)
@@ -233,7 +251,7 @@ def _instance_norm(input, stats: RunningStats | None, weight, bias, use_input_st
     if stats is not None:
         stats.update(xp.mean(xp.reshape(m.mean, (n, c)), axis=0),
                      xp.mean(xp.reshape(m.var, (n, c)), axis=0), m.count)
-    return xp.reshape(y, x.shape)
+    return xp.reshape(y, x.shape), m.mean, invstd
 
 
 def _per_instance(vec, n):
@@ -287,10 +305,16 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if _dispatch.route(x) == "gpu":
         return _gpu_kernel("layer_norm_forward")(x, shape, weight, bias, eps)
 
+    return _layer_norm_reference(x, shape, weight, bias, eps)[0]
+
+
+def _layer_norm_reference(x, shape: tuple[int, ...], weight, bias, eps: float):
+    """Reference path of a checked layer norm: ``(y, mean, invstd)`` with one statistic per row,
+    shape ``(rows,)``; None for an empty input."""
     xp = _dispatch.namespace(x)
     row = math.prod(shape)
     if _numel(x) == 0:
-        return xp.empty_like(x)
+        return xp.empty_like(x), None, None
     acc = _reference.accumulation_dtype(xp, x.dtype)
     x3 = xp.reshape(x, (1, _numel(x) // row, row))
     m = _reference.moments(x3)
@@ -298,7 +322,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     col_scale = None if weight is None else xp.reshape(_param(weight, x, acc), (row,))
     col_shift = None if bias is None else xp.reshape(_param(bias, x, acc), (row,))
     y = _reference.normalize(x3, m.center, invstd, -m.offset * invstd, col_scale, col_shift)
-    return xp.reshape(y, x.shape)
+    return xp.reshape(y, x.shape), m.mean, invstd
 
 
 # ----------------------------------------------------------------------------------- group norm
@@ -328,11 +352,17 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     if _dispatch.route(x) == "gpu":
         return _gpu_kernel("group_norm_forward")(x, int(num_groups), weight, bias, eps)
 
+    return _group_norm_reference(x, int(num_groups), weight, bias, eps)[0]
+
+
+def _group_norm_reference(x, g: int, weight, bias, eps: float):
+    """Reference path of a checked group norm: ``(y, mean, invstd)`` with one statistic per
+    (sample, group), shape ``(N*G,)``; None for an empty input."""
     xp = _dispatch.namespace(x)
     if _numel(x) == 0:
-        return xp.empty_like(x)
+        return xp.empty_like(x), None, None
+    n, c = x.shape[0], x.shape[1]
     acc = _reference.accumulation_dtype(xp, x.dtype)
-    g = int(num_groups)
     spatial = math.prod(x.shape[2:])
     m = _reference.moments(xp.reshape(x, (1, n * g, (c // g) * spatial)))
     invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=False)
@@ -347,4 +377,4 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     if bias is not None:
         shift = shift + _per_instance(_param(bias, x, acc), n)
     y = _reference.normalize(xp.reshape(x, (1, n * c, spatial)), per_channel(m.center), scale, shift)
-    return xp.reshape(y, x.shape)
+    return xp.reshape(y, x.shape), m.mean, invstd

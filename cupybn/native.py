@@ -175,30 +175,13 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
                     momentum, eps)
     xp = _dispatch.namespace(x)
     acc = _reference.accumulation_dtype(xp, x.dtype)
-    c = x.shape[1]
-    if F._numel(x) == 0:
-        if training:
-            return (xp.empty_like(x), xp.zeros((c,), dtype=acc, device=_device(x)),
-                    xp.zeros((c,), dtype=acc, device=_device(x)))
-        return (xp.empty_like(x), *_empty_stats(xp, x, acc))
-    x3 = F._channel_stats_view(x)
-    if training:
-        m = _reference.moments(x3)
-        invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=True)
-        center, offset = m.center, m.offset
-    else:
-        center, offset = F._param(stats.mean, x, acc), None
-        invstd = 1.0 / xp.sqrt(F._param(stats.var, x, acc) + eps)
-    scale = invstd if weight is None else invstd * F._param(weight, x, acc)
-    shift = xp.zeros_like(scale) if bias is None else F._param(bias, x, acc)
-    if offset is not None:
-        shift = shift - offset * scale
-    y = xp.reshape(_reference.normalize(x3, center, scale, shift), x.shape)
+    y, mean, invstd = F._batch_norm_reference(x, stats, weight, bias, training, eps)
     if not training:
         return (y, *_empty_stats(xp, x, acc))
-    if stats is not None:
-        stats.update(m.mean, m.var, m.count)
-    return y, m.mean, invstd
+    if mean is None:  # empty batch
+        c = x.shape[1]
+        return y, xp.zeros((c,), dtype=acc, device=_device(x)), xp.zeros((c,), dtype=acc, device=_device(x))
+    return y, mean, invstd
 
 
 def _bn_backward_3d(g3, x3, x, weight, running_mean, running_var, save_mean, save_invstd, train,
@@ -315,21 +298,11 @@ def native_instance_norm(input, weight, bias, running_mean, running_var, use_inp
                     momentum, eps)
     xp = _dispatch.namespace(x)
     acc = _reference.accumulation_dtype(xp, x.dtype)
-    if F._numel(x) == 0:
+    y, mean, invstd = F._instance_norm_reference(x, stats, weight, bias, eps)
+    if mean is None:  # empty batch
         zeros = xp.zeros((n * c,), dtype=acc, device=_device(x))
-        return xp.empty_like(x), zeros, zeros
-    x3 = xp.reshape(x, (1, n * c, spatial))
-    m = _reference.moments(x3)
-    invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=True)
-    scale = invstd if weight is None else invstd * F._per_instance(F._param(weight, x, acc), n)
-    shift = -m.offset * scale
-    if bias is not None:
-        shift = shift + F._per_instance(F._param(bias, x, acc), n)
-    y = xp.reshape(_reference.normalize(x3, m.center, scale, shift), x.shape)
-    if stats is not None:
-        stats.update(xp.mean(xp.reshape(m.mean, (n, c)), axis=0),
-                     xp.mean(xp.reshape(m.var, (n, c)), axis=0), m.count)
-    return y, m.mean, invstd
+        return y, zeros, zeros
+    return y, mean, invstd
 
 
 @_entry
@@ -392,18 +365,11 @@ def native_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5)
     acc = _reference.accumulation_dtype(xp, x.dtype)
     k = len(shape)
     stat_shape = tuple(x.shape[:x.ndim - k]) + (1,) * k
-    row = math.prod(shape)
-    rows = F._numel(x) // row if row else math.prod(x.shape[:x.ndim - k])
-    if F._numel(x) == 0:
-        empty = xp.empty(stat_shape, dtype=acc, device=_device(x))
-        return xp.empty_like(x), empty, xp.empty(stat_shape, dtype=acc, device=_device(x))
-    x3 = xp.reshape(x, (1, rows, row))
-    m = _reference.moments(x3)
-    invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=False)
-    col_scale = None if weight is None else xp.reshape(F._param(weight, x, acc), (row,))
-    col_shift = None if bias is None else xp.reshape(F._param(bias, x, acc), (row,))
-    y = _reference.normalize(x3, m.center, invstd, -m.offset * invstd, col_scale, col_shift)
-    return xp.reshape(y, x.shape), xp.reshape(m.mean, stat_shape), xp.reshape(invstd, stat_shape)
+    y, mean, invstd = F._layer_norm_reference(x, shape, weight, bias, eps)
+    if mean is None:
+        return (y, xp.empty(stat_shape, dtype=acc, device=_device(x)),
+                xp.empty(stat_shape, dtype=acc, device=_device(x)))
+    return y, xp.reshape(mean, stat_shape), xp.reshape(invstd, stat_shape)
 
 
 @_entry
@@ -484,25 +450,12 @@ def native_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         return _gpu("native_group_norm", x, grp, weight, bias, eps)
     xp = _dispatch.namespace(x)
     acc = _reference.accumulation_dtype(xp, x.dtype)
-    n, c = x.shape[0], x.shape[1]
-    if F._numel(x) == 0:
-        return (xp.empty_like(x), xp.empty((n, grp), dtype=acc, device=_device(x)),
+    n = x.shape[0]
+    y, mean, invstd = F._group_norm_reference(x, grp, weight, bias, eps)
+    if mean is None:
+        return (y, xp.empty((n, grp), dtype=acc, device=_device(x)),
                 xp.empty((n, grp), dtype=acc, device=_device(x)))
-    spatial = math.prod(x.shape[2:])
-    m = _reference.moments(xp.reshape(x, (1, n * grp, (c // grp) * spatial)))
-    invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=False)
-
-    def per_channel(v):  # (N*G,) group values -> (N*C,) channel values
-        return xp.reshape(xp.broadcast_to(xp.reshape(v, (n, grp, 1)), (n, grp, c // grp)), (-1,))
-
-    scale = per_channel(invstd)
-    if weight is not None:
-        scale = scale * F._per_instance(F._param(weight, x, acc), n)
-    shift = -per_channel(m.offset) * scale
-    if bias is not None:
-        shift = shift + F._per_instance(F._param(bias, x, acc), n)
-    y = _reference.normalize(xp.reshape(x, (1, n * c, spatial)), per_channel(m.center), scale, shift)
-    return xp.reshape(y, x.shape), xp.reshape(m.mean, (n, grp)), xp.reshape(invstd, (n, grp))
+    return y, xp.reshape(mean, (n, grp)), xp.reshape(invstd, (n, grp))
 
 
 @_entry
