@@ -102,20 +102,25 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return _batch_norm(input, stats, weight, bias, training, eps)
 
 
-def _check_batch_norm(x, stats, weight, bias, training, eps):
+def _check_channel_norm(x, stats, weight, bias, eps) -> float:
+    """Checks shared by batch and instance norm: rank, per-channel vectors, ``eps >= 0``."""
     if x.ndim < 2:
         raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
     c = x.shape[1]
     if stats is not None:
         _checks.check_vector(stats.mean, "running_mean", c, x)
         _checks.check_vector(stats.var, "running_var", c, x)
-    elif not training:
-        raise ValueError("running_mean and running_var must be given when training=False")
     _checks.check_vector(weight, "weight", c, x)
     _checks.check_vector(bias, "bias", c, x)
-    eps = _checks.check_eps(eps)
+    return _checks.check_eps(eps)
+
+
+def _check_batch_norm(x, stats, weight, bias, training, eps):
+    eps = _check_channel_norm(x, stats, weight, bias, eps)
+    if stats is None and not training:
+        raise ValueError("running_mean and running_var must be given when training=False")
     if training:
-        _checks.check_more_than_one_value(_numel(x) // c if c else 0, x.shape)
+        _checks.check_more_than_one_value(_numel(x) // x.shape[1] if x.shape[1] else 0, x.shape)
     return eps
 
 
@@ -213,16 +218,10 @@ def _instance_norm(input, stats: RunningStats | None, weight, bias, use_input_st
         if stats is None:
             raise ValueError("running_mean and running_var must be given when use_input_stats=False")
         return _batch_norm(x, stats, weight, bias, False, eps)
-    n, c = x.shape[0], x.shape[1]
+    eps = _check_channel_norm(x, stats, weight, bias, eps)
     if stats is not None:
-        _checks.check_vector(stats.mean, "running_mean", c, x)
-        _checks.check_vector(stats.var, "running_var", c, x)
         _checks.check_momentum(stats.momentum, allow_none=False)
-    _checks.check_vector(weight, "weight", c, x)
-    _checks.check_vector(bias, "bias", c, x)
-    eps = _checks.check_eps(eps)
-    spatial = math.prod(x.shape[2:])
-    _checks.check_more_than_one_value(spatial, x.shape, spatial=True)
+    _checks.check_more_than_one_value(math.prod(x.shape[2:]), x.shape, spatial=True)
     if _dispatch.route(x) == "gpu":
         return _gpu_kernel("instance_norm_forward")(
             x, None if stats is None else stats.mean, None if stats is None else stats.var,

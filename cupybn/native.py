@@ -257,18 +257,6 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
 
 # -------------------------------------------------------------------------------- instance norm
 
-def _check_instance(x, weight, bias, stats, use_input_stats, eps):
-    if x.ndim < 2:
-        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
-    c = x.shape[1]
-    if stats is not None:
-        _checks.check_vector(stats.mean, "running_mean", c, x)
-        _checks.check_vector(stats.var, "running_var", c, x)
-    _checks.check_vector(weight, "weight", c, x)
-    _checks.check_vector(bias, "bias", c, x)
-    return _checks.check_eps(eps)
-
-
 @_entry
 def native_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats=True,
                          momentum=0.1, eps=1e-5):
@@ -287,7 +275,7 @@ def native_instance_norm(input, weight, bias, running_mean, running_var, use_inp
         if stats is None:
             raise ValueError("running_mean and running_var must be given when use_input_stats=False")
         return native_batch_norm(x, weight, bias, running_mean, running_var, False, momentum, eps)
-    eps = _check_instance(x, weight, bias, stats, use_input_stats, eps)
+    eps = F._check_channel_norm(x, stats, weight, bias, eps)
     if stats is not None:
         _checks.check_momentum(stats.momentum, allow_none=False)
     n, c = x.shape[0], x.shape[1]
@@ -320,7 +308,7 @@ def instance_norm_backward(grad_output, input, weight, running_mean, running_var
                                    save_mean, save_invstd, False, eps, output_mask)
     x = F._as_input(input)
     mask = _mask(output_mask)
-    eps = _check_instance(x, weight, None, None, True, eps)
+    eps = F._check_channel_norm(x, None, weight, None, eps)
     g = _grad_output(grad_output, x)
     if _dispatch.route(x) == "gpu":
         return _gpu("instance_norm_backward", g, x, weight, running_mean, running_var, save_mean,
