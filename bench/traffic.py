@@ -10,6 +10,8 @@ launches touch (``emulator.Module.track``). Columns:
 * ``launches`` -- kernel launches of one forward call;
 * ``x_passes`` -- bytes of x touched, summed over the launches, over the size of x (1 = x streamed
   once); ``y_passes`` -- the same for y;
+* backward rows (``BatchNorm2d backward``: training backward from saved statistics, every
+  gradient asked for): ``dy_passes``, ``x_passes``, ``dx_passes`` -- the same for dy, x and dx;
 * ``grid`` -- grid sizes of the launches (statistics launch: channels x blocks per channel).
 
 LayerNorm / GroupNorm / InstanceNorm run on kernels/fused_groups.cu (planner.plan_groups_forward):
@@ -55,10 +57,46 @@ CASES = [
     ("GroupNorm G=32", (8, 64, 28, 28), "float16"),
     ("InstanceNorm2d", (8, 16, 32, 32), "float32"),
     ("InstanceNorm2d", (8, 16, 32, 32), "float16"),
+    ("BatchNorm2d backward", (8, 64, 28, 28), "float32"),
+    ("BatchNorm2d backward", (4, 3, 64, 64), "float32"),
+    ("BatchNorm2d backward", (8, 64, 28, 28), "float16"),
+    ("BatchNorm2d backward", (4, 3, 64, 64), "float16"),
 ]
+
+BACKWARD_KEYS = ("op", "shape", "dtype", "launches", "dy_passes", "x_passes", "dx_passes")
+FORWARD_KEYS = ("op", "shape", "dtype", "launches", "x_passes", "y_passes")
+
+
+def run_backward_case(launcher: EmulatorLauncher, op: str, shape, dtype: str) -> dict:
+    """BatchNorm training backward from saved statistics, every gradient asked for
+    (planner.plan_batch_norm_backward): the reduction, then dx."""
+    rng = np.random.default_rng(0)
+    c = shape[1]
+    acc = planner.accumulation_dtype(dtype)
+    x = emulator.array((rng.standard_normal(shape) * 2 + 1).astype(dtype))
+    dy = emulator.array(rng.standard_normal(shape).astype(dtype))
+    dx = emulator.empty(shape, dtype)
+    vec = lambda v, d=np.float32: planner.Operand.of(emulator.array(np.asarray(v, d)))  # noqa: E731
+    mean, invstd = vec(np.ones(c), acc), vec(np.full(c, 0.5), acc)
+    weight = vec(rng.standard_normal(c))
+    grads = [planner.Operand.of(emulator.empty((c,), np.float32)) for _ in range(2)]
+    sums = planner.Operand.of(emulator.empty((3 * c,), acc))
+    plan = planner.plan_batch_norm_backward(planner.Operand.of(dy), planner.Operand.of(x), planner.Operand.of(dx),
+                                            mean, invstd, True, weight, grads[0], grads[1], sums, 1e-5,
+                                            device=launcher.device_info())
+    mod = launcher.module(plan[0].source)
+    with mod.track(dy=dy, x=x, dx=dx) as t:
+        launcher.launch(plan)
+    return {"op": op, "shape": list(shape), "dtype": dtype, "launches": t.launches,
+            "dy_passes": round(t.passes("dy"), 4), "x_passes": round(t.passes("x"), 4),
+            "dx_passes": round(t.passes("dx"), 4),
+            "grid": [launch.grid[0] * launch.grid[1] for launch in plan],
+            "block": [math.prod(launch.block) for launch in plan]}
 
 
 def run_case(launcher: EmulatorLauncher, op: str, shape, dtype: str) -> dict:
+    if op.endswith("backward"):
+        return run_backward_case(launcher, op, shape, dtype)
     rng = np.random.default_rng(0)
     c = shape[1]
     acc = planner.accumulation_dtype(dtype)
@@ -115,12 +153,21 @@ def main(argv=None) -> int:
     rows = [run_case(launcher, *case) for case in CASES]
     if args.json:
         for row in rows:
-            print(json.dumps({k: row[k] for k in ("op", "shape", "dtype", "launches", "x_passes", "y_passes")}))
+            keys = BACKWARD_KEYS if "dy_passes" in row else FORWARD_KEYS
+            print(json.dumps({k: row[k] for k in keys}))
         return 0
     print(f"{'op':<20}{'shape':<18}{'dtype':<9}{'launches':>9}{'x_passes':>10}{'y_passes':>10}   grid (blocks)")
     for r in rows:
+        if "dy_passes" in r:
+            continue
         print(f"{r['op']:<20}{'x'.join(map(str, r['shape'])):<18}{r['dtype']:<9}{r['launches']:>9}"
               f"{r['x_passes']:>10.3g}{r['y_passes']:>10.3g}   {r['grid']} x {r['block']} threads")
+    print(f"\n{'op':<22}{'shape':<16}{'dtype':<9}{'launches':>9}{'dy_passes':>10}{'x_passes':>10}{'dx_passes':>10}"
+          "   grid (blocks)")
+    for r in rows:
+        if "dy_passes" in r:
+            print(f"{r['op']:<22}{'x'.join(map(str, r['shape'])):<16}{r['dtype']:<9}{r['launches']:>9}"
+                  f"{r['dy_passes']:>10.3g}{r['x_passes']:>10.3g}{r['dx_passes']:>10.3g}   {r['grid']} x {r['block']} threads")
     print(f"({time.perf_counter() - start:.1f} s in the emulator)")
     return 0
 

@@ -206,6 +206,16 @@ def test_the_list_is_what_the_planner_emits():
             plan = planner.plan_groups_forward(xg, xg, planner.instance_norm_layout(xg.shape), wg, wg, 1e-5, True,
                                                save=(accg, accg, accg), path=path)
             emitted.update((launch.source, launch.kernel) for launch in plan)
+    # BatchNorm backward (kernels/batch_norm_backward.cu): every (stats, parameter) dtype pair
+    for x_dtype in planner.FLOAT_DTYPES:
+        x = planner.Operand(None, (2, 3, 4), (12, 4, 1), x_dtype)
+        sums = planner.Operand(None, (9,), (1,), planner.accumulation_dtype(x_dtype))
+        for s_dtype, p_dtype in planner.backward_stats_params(x_dtype):
+            st = planner.Operand(None, (3,), (1,), s_dtype)
+            w = planner.Operand(None, (3,), (1,), p_dtype)
+            plan = planner.plan_batch_norm_backward(x, x, x, st, st, True, w, w, w, sums, 1e-5)
+            assert len(plan) == 2
+            emitted.update((launch.source, launch.kernel) for launch in plan)
     assert emitted == set(planner.INSTANTIATIONS)
 
 

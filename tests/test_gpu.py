@@ -390,3 +390,52 @@ def test_torch_instance_norm_matches_torch(shape, x_dtype):
 
 def test_quantize_helper_is_shared():  # keeps the import list honest if the emulator module changes
     assert quantize(np.array([1.0]), "float32")[1][0] == 1.0
+
+
+# ------------------------------------------------------------------------------------ BatchNorm backward (issue 6)
+
+@needs_torch
+@pytest.mark.parametrize("shape", [(64, 32), (4, 3, 17), (8, 16, 14, 14), (2, 3, 3, 4, 5)], ids=str)
+@pytest.mark.parametrize("x_dtype", TORCH_DTYPES)
+@pytest.mark.parametrize("training", [True, False])
+def test_torch_batch_norm_backward_matches_autograd(x_dtype, shape, training):
+    """cupybn.native forward + backward on CUDA tensors vs torch autograd of F.batch_norm."""
+    from cupybn import native
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    c = shape[1]
+    dt = _torch_dtype(x_dtype)
+    pdt = torch.float64 if x_dtype == "float64" else torch.float32
+    x = (torch.randn(shape, device="cuda", generator=gen, dtype=torch.float64) * 2 + 0.5).to(dt)
+    dy = torch.randn(shape, device="cuda", generator=gen, dtype=torch.float64).to(dt)
+    w = torch.randn(c, device="cuda", generator=gen, dtype=pdt)
+    b = torch.randn(c, device="cuda", generator=gen, dtype=pdt)
+    rm, rv = torch.randn(c, device="cuda", dtype=pdt) * 0.1, torch.rand(c, device="cuda", dtype=pdt) + 0.5
+    rm_t, rv_t = rm.clone(), rv.clone()
+    y, save_mean, save_invstd = native.native_batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5)
+    dx, dw, db = native.batch_norm_backward(dy, x, w, rm, rv, save_mean, save_invstd, training, 1e-5,
+                                            (True, True, True))
+    xr, wr, br = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    yr = torch.nn.functional.batch_norm(xr, rm_t, rv_t, wr, br, training, 0.1, 1e-5)
+    yr.backward(dy)
+    tol = {"float16": 2e-2, "bfloat16": 1e-1, "float32": 1e-4, "float64": 1e-10}[x_dtype]
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype and db.dtype == w.dtype
+    torch.testing.assert_close(y.double(), yr.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(dx.double(), xr.grad.double(), rtol=tol, atol=tol)
+    torch.testing.assert_close(dw.double(), wr.grad.double(), rtol=tol, atol=tol * 10)
+    torch.testing.assert_close(db.double(), br.grad.double(), rtol=tol, atol=tol * 10)
+
+
+def test_cupy_batch_norm_backward_is_bitwise_repeatable():
+    from cupybn import native
+
+    rng = np.random.default_rng(2)
+    x = cupy.asarray(rng.standard_normal((16, 8, 33, 33)).astype(np.float32))
+    dy = cupy.asarray(rng.standard_normal((16, 8, 33, 33)).astype(np.float32))
+    w = cupy.asarray(rng.standard_normal(8).astype(np.float32))
+    _, m, i = native.native_batch_norm(x, w, None, None, None, True, 0.1, 1e-5)
+    first = native.batch_norm_backward(dy, x, w, None, None, m, i, True, 1e-5, (True, True, True))
+    for _ in range(3):
+        again = native.batch_norm_backward(dy, x, w, None, None, m, i, True, 1e-5, (True, True, True))
+        for a, b in zip(first, again):
+            assert bool((a == b).all())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .interop import is_gpu_array
 
-__all__ = ["batch_norm_forward", "batch_norm_training_forward", "group_norm_forward", "instance_norm_forward",
+__all__ = ["batch_norm_backward", "batch_norm_forward", "batch_norm_training_forward", "native_batch_norm", "group_norm_forward", "instance_norm_forward",
            "is_gpu_array", "layer_norm_forward"]
 
 
@@ -126,6 +126,121 @@ def batch_norm_training_forward(input, running_mean, running_var, weight, bias, 
             momentum, eps, device=launcher.device_info(), save_offset=planner.Operand.of(save_offset))
         launcher.launch(plan)
     return interop.to_native(input, native), save_mean, save_invstd
+
+
+def _native_vector(input, arr):
+    """A per-channel CuPy result in the input's framework (torch: zero-copy through DLPack)."""
+    if interop_framework(input) == "torch":
+        import torch
+
+        return torch.from_dlpack(arr)
+    return arr
+
+
+def interop_framework(input):
+    from . import interop
+
+    return interop.framework(input)
+
+
+def native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps):
+    """GPU path of ``cupybn.native.native_batch_norm``: ``(output, save_mean, save_invstd)``.
+
+    Training: :func:`batch_norm_training_forward` (2 launches; running statistics updated in place).
+    Eval: :func:`batch_norm_forward` (1 launch) and empty ``(0,)`` statistics, as ATen. The saved
+    statistics are ``(C,)`` in the accumulation dtype, in the input's framework.
+    """
+    _require_cupy()
+    from . import interop, planner
+
+    if training:
+        y, save_mean, save_invstd = batch_norm_training_forward(input, running_mean, running_var, weight, bias,
+                                                                momentum, eps)
+        return y, _native_vector(input, save_mean), _native_vector(input, save_invstd)
+    y = batch_norm_forward(input, running_mean, running_var, weight, bias, False, momentum, eps)
+    import cupy
+
+    _, x_dtype = interop.as_cupy(input, "input")
+    acc = planner.accumulation_dtype(x_dtype)
+    return y, _native_vector(input, cupy.empty((0,), dtype=acc)), _native_vector(input, cupy.empty((0,), dtype=acc))
+
+
+def batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean, save_invstd, train,
+                        eps, output_mask):
+    """GPU path of ``cupybn.native.batch_norm_backward``: ``(grad_input, grad_weight, grad_bias)``.
+
+    Arguments validated by the caller (shapes of x / grad_output / weight, eps). ``train``: the
+    statistics are ``save_mean`` / ``save_invstd``; else ``running_mean`` / ``running_var``. At most
+    two launches (``planner.plan_batch_norm_backward``): a per-channel reduction of ``sum(dy)`` and
+    ``sum(dy * xhat)`` (deterministic, no float atomics) that also writes ``grad_weight`` /
+    ``grad_bias``, then the elementwise ``grad_input``. No host sync. Entries not asked for by
+    ``output_mask`` are None; parameter gradients have the weight's dtype (else the input's).
+    """
+    _require_cupy()
+    from . import interop, planner
+    from .launchers import cupy_launcher
+
+    mask = tuple(bool(m) for m in output_mask)
+    launcher = cupy_launcher()
+    with interop.input_stream(input):
+        import cupy
+
+        x, x_dtype = interop.as_cupy(input, "input")
+        x = interop.contiguous(x)
+        g, g_dtype = interop.as_cupy(grad_output, "grad_output")
+        g = interop.contiguous(g)
+        if g_dtype != x_dtype:
+            g = interop.contiguous(interop.cast(g, g_dtype, x_dtype)) if x_dtype != "bfloat16" else None
+            if g is None:
+                raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
+        acc = planner.accumulation_dtype(x_dtype)
+        channels = int(x.shape[1])
+        if train:
+            stats = (("save_mean", save_mean), ("save_invstd", save_invstd))
+        else:
+            if running_mean is None or running_var is None:
+                raise ValueError("running_mean and running_var are required when train=False")
+            stats = (("running_mean", running_mean), ("running_var", running_var))
+        st = []
+        for name, a in stats:
+            if a is None:
+                raise ValueError(f"{name} is required")
+            arr, d = interop.as_cupy(a, name)
+            if arr.size != channels:
+                raise ValueError(f"{name} must have {channels} values, got shape {tuple(arr.shape)}")
+            st.append((interop.contiguous(arr.reshape(channels)), d))
+        w, w_dtype = interop.as_cupy(weight, "weight")
+        p = w_dtype if w is not None else x_dtype
+        s_dtype = st[0][1] if st[0][1] == st[1][1] else None
+        if s_dtype is None or (s_dtype, p) not in planner.backward_stats_params(x_dtype):
+            st = [(interop.contiguous(interop.cast(arr, d, acc)), acc) for arr, d in st]
+            s_dtype = acc
+        mean_op, stat_op = (planner.Operand.of(arr, d) for arr, d in st)
+        w_op = None if w is None else planner.Operand.of(interop.contiguous(w), w_dtype)
+        storage = planner.storage_dtype(p)
+        native_dx, dx = interop.empty_output(input, x, x_dtype) if mask[0] else (None, None)
+        gw = cupy.empty((channels,), dtype=storage) if mask[1] else None
+        gb = cupy.empty((channels,), dtype=storage) if mask[2] else None
+        sums = cupy.empty((3 * channels,), dtype=acc) if (train and mask[0]) else None
+        if x.size == 0:
+            for a in (gw, gb):
+                if a is not None:
+                    a.fill(0)
+        else:
+            plan = planner.plan_batch_norm_backward(
+                planner.Operand.of(g, x_dtype), planner.Operand.of(x, x_dtype),
+                None if dx is None else planner.Operand.of(dx, x_dtype), mean_op, stat_op, bool(train), w_op,
+                None if gw is None else planner.Operand.of(gw, p), None if gb is None else planner.Operand.of(gb, p),
+                None if sums is None else planner.Operand.of(sums), eps, device=launcher.device_info())
+            launcher.launch(plan)
+    out_dx = None if native_dx is None else interop.to_native(input, native_dx)
+    if p == "bfloat16" and interop_framework(input) == "torch":
+        import torch
+
+        conv = lambda a: None if a is None else torch.from_dlpack(a).view(torch.bfloat16)  # noqa: E731
+    else:
+        conv = lambda a: None if a is None else _native_vector(input, a)  # noqa: E731
+    return out_dx, conv(gw), conv(gb)
 
 
 # ------------------------------------------------------------------------------------ layer / group / instance norm

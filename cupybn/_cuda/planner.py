@@ -104,6 +104,14 @@ average over the batch in sample order, counter reset): no extra launch, no host
 A BatchNorm training forward is two launches: statistics with the running-stat update fused in
 (:func:`plan_moments`), then the normalize (:func:`normalize_tiling`); x is read twice, y written
 once.
+
+BatchNorm backward (:func:`plan_batch_norm_backward`, kernels/batch_norm_backward.cu) is at most
+two launches: a per-channel reduction of ``sum(dy)`` and ``sum(dy * (x - mean))`` on
+``moments_tiling``'s split (blocks per channel, fixed-order last-block combine, self-resetting
+counters) that also writes ``grad_weight`` / ``grad_bias``, then the elementwise ``dx`` on
+``normalize_tiling``. Training: dy and x read twice, dx written once; eval ``dx`` alone: one
+launch reading dy once. The kernels are instantiated per ``(x, stats, parameter)`` dtype triple of
+:func:`backward_stats_params`.
 """
 from __future__ import annotations
 
@@ -757,6 +765,40 @@ def _add_group_instantiations(table: dict) -> None:
 
 
 _add_group_instantiations(_SIGNATURES)
+
+
+# ------------------------------------------------------------------------------------ batch norm backward
+
+_BN_BACKWARD_REDUCE = "cupybn::batch_norm_backward_reduce<{T}, {S}, {P}>"
+_BN_BACKWARD_REDUCE_SIGNATURE = ("p:{T}", "p:{T}", "i64", "i64", "i64", "i32", "p:{S}", "p:{S}", "i32", "{A}",
+                                 "p:{A}", "p:{P}", "p:{P}", "p:void", "p:u32")
+_BN_BACKWARD_DX = "cupybn::batch_norm_backward_dx<{T}, {S}, {P}>"
+_BN_BACKWARD_DX_SIGNATURE = ("p:{T}", "p:{T}", "p:{T}", "i64", "i64", "i64", "p:{S}", "p:{S}", "i32", "p:{P}",
+                             "{A}", "p:{A}", "{A}", "i32")
+
+
+def backward_stats_params(x: str) -> tuple[tuple[str, str], ...]:
+    """The ``(stats dtype, parameter dtype)`` pairs the BatchNorm backward kernels are instantiated
+    for, given ``x``'s dtype: saved statistics in the accumulation dtype with a weight of any float
+    dtype (training), and running statistics of the weight's dtype (eval). Other combinations are
+    converted to ``(accumulation dtype, weight dtype)`` by the caller."""
+    acc = accumulation_dtype(x)
+    pairs = [(acc, p) for p in FLOAT_DTYPES] + [(p, p) for p in FLOAT_DTYPES if p != acc]
+    return tuple(pairs)
+
+
+def _add_backward_instantiations(table: dict) -> None:
+    for x in FLOAT_DTYPES:
+        for s, p in backward_stats_params(x):
+            names = dict(T=cxx_type(x), S=cxx_type(s), P=cxx_type(p))
+            codes = dict(T=type_code(x), S=type_code(s), P=type_code(p), A=type_code(accumulation_dtype(x)))
+            table[("batch_norm_backward.cu", _BN_BACKWARD_REDUCE.format(**names))] = tuple(
+                c.format(**codes) for c in _BN_BACKWARD_REDUCE_SIGNATURE)
+            table[("batch_norm_backward.cu", _BN_BACKWARD_DX.format(**names))] = tuple(
+                c.format(**codes) for c in _BN_BACKWARD_DX_SIGNATURE)
+
+
+_add_backward_instantiations(_SIGNATURES)
 INSTANTIATIONS = tuple(_SIGNATURES)
 
 
@@ -921,3 +963,91 @@ def instance_norm_layout(shape: tuple[int, ...]) -> GroupsLayout:
     n, c = shape[0], shape[1]
     spatial = math.prod(shape[2:])
     return GroupsLayout(n * c, spatial, c, spatial)
+
+
+BACKWARD_THREADS = 256  # kernels/batch_norm_backward.cu kBackwardThreads
+
+
+def plan_batch_norm_backward(grad_output: Operand, x: Operand, grad_input: Operand | None, mean: Operand,
+                             stat: Operand, train: bool, weight: Operand | None, grad_weight: Operand | None,
+                             grad_bias: Operand | None, sums: Operand | None, eps: float,
+                             device: DeviceInfo = DeviceInfo(), splits: int | None = None,
+                             threads: int | None = None) -> tuple[KernelLaunch, ...]:
+    """Launches of BatchNorm's backward (``kernels/batch_norm_backward.cu``).
+
+    ``grad_output``, ``x``, ``grad_input`` (None: not asked for): contiguous ``(N, C, *spatial)`` of
+    one float dtype. ``train``: ``mean`` / ``stat`` are ``save_mean`` / ``save_invstd``; else
+    ``running_mean`` / ``running_var`` (the kernels fold ``1 / sqrt(var + eps)``). ``mean`` and
+    ``stat`` share a dtype ``S``; ``weight`` (optional), ``grad_weight`` / ``grad_bias`` (optional
+    ``(C,)`` outputs) share a dtype ``P``, and ``(S, P)`` is one of :func:`backward_stats_params`.
+    ``sums``: ``(3 * C,)`` in the accumulation dtype, required when the reduction runs with
+    ``train`` and ``grad_input`` (scratch between the two launches).
+
+    Launches: the per-channel reduction (moments_tiling's split, deterministic cross-block combine)
+    when training with ``grad_input`` or when ``grad_weight`` / ``grad_bias`` are asked for; then the
+    elementwise dx when ``grad_input`` is asked for. At most 2; an empty input: none.
+    """
+    if len(x.shape) < 2:
+        raise ValueError(f"batch norm needs an (N, C, ...) input, got shape {x.shape}")
+    if grad_output.shape != x.shape or grad_output.dtype != x.dtype:
+        raise ValueError(f"grad_output {grad_output.shape} {grad_output.dtype} does not match input "
+                         f"{x.shape} {x.dtype}")
+    if grad_input is not None and (grad_input.shape != x.shape or grad_input.dtype != x.dtype):
+        raise ValueError(f"grad_input {grad_input.shape} {grad_input.dtype} does not match input")
+    for name, op in (("input", x), ("grad_output", grad_output), ("grad_input", grad_input)):
+        if op is not None and not op.is_contiguous():
+            raise ValueError(f"the backward kernels need contiguous {name} (strides {op.strides})")
+    channels = x.shape[1]
+    for name, op in (("mean", mean), ("stat", stat)):
+        _require_vector(name, op, channels, optional=False)
+    for name, op in (("weight", weight), ("grad_weight", grad_weight), ("grad_bias", grad_bias)):
+        _require_vector(name, op, channels, optional=True)
+    if stat.dtype != mean.dtype:
+        raise TypeError(f"mean is {mean.dtype} but the second statistic is {stat.dtype}")
+    params = {op.dtype for op in (weight, grad_weight, grad_bias) if op is not None}
+    if len(params) > 1:
+        raise TypeError(f"weight / grad_weight / grad_bias of different dtypes {sorted(params)}")
+    p = params.pop() if params else accumulation_dtype(x.dtype)
+    if (mean.dtype, p) not in backward_stats_params(x.dtype):
+        raise TypeError(f"no backward kernel for statistics of {mean.dtype} with parameters of {p} "
+                        f"({x.dtype} input); convert the statistics to {accumulation_dtype(x.dtype)}")
+    acc = accumulation_dtype(x.dtype)
+    n = x.shape[0]
+    inner = math.prod(x.shape[2:])
+    if x.size == 0:
+        return ()
+    accs = SCALAR_TYPES[type_code(acc)]
+    kind = np.int32(1 if train else 0)
+    plan = []
+    need_sums = grad_weight is not None or grad_bias is not None or (train and grad_input is not None)
+    if need_sums:
+        if train and grad_input is not None:
+            if sums is None or sums.shape != (3 * channels,) or sums.dtype != acc:
+                raise ValueError(f"sums must be a ({3 * channels},) {acc} vector")
+        tiling = moments_tiling(n, channels, inner, x.dtype, device, splits, threads)
+        source, kernel = _instantiation("batch_norm_backward.cu", _BN_BACKWARD_REDUCE.format(
+            T=cxx_type(x.dtype), S=cxx_type(mean.dtype), P=cxx_type(p)))
+        args = (grad_output.buf, x.buf, np.int64(n), np.int64(channels), np.int64(inner), np.int32(tiling.splits),
+                mean.buf, stat.buf, kind, accs(eps), None if sums is None else sums.buf,
+                None if grad_weight is None else grad_weight.buf, None if grad_bias is None else grad_bias.buf,
+                SCRATCH if tiling.splits > 1 else None, COUNTERS)
+        plan.append(KernelLaunch(source=source, kernel=kernel, grid=tiling.grid, block=tiling.block, args=args,
+                                 signature=declared_signature(source, kernel),
+                                 workspace_bytes=tiling.grid[0] * 3 * itemsize(acc) if tiling.splits > 1 else 0,
+                                 counter_words=tiling.slots,
+                                 notes={"view": (n, channels, inner), "slots": tiling.slots,
+                                        "splits": tiling.splits, "vector": tiling.vector,
+                                        "vectors_per_thread": tiling.vectors_per_thread}))
+    if grad_input is not None:
+        cols = channels * inner
+        tiling = normalize_tiling(n, cols, x.dtype, device)
+        source, kernel = _instantiation("batch_norm_backward.cu", _BN_BACKWARD_DX.format(
+            T=cxx_type(x.dtype), S=cxx_type(mean.dtype), P=cxx_type(p)))
+        args = (grad_output.buf, x.buf, grad_input.buf, np.int64(n), np.int64(cols), np.int64(inner),
+                mean.buf, stat.buf, kind, None if weight is None else weight.buf, accs(eps),
+                sums.buf if train else None, accs(n * inner), np.int32(1 if train else 0))
+        plan.append(KernelLaunch(source=source, kernel=kernel, grid=tiling.grid, block=tiling.block, args=args,
+                                 signature=declared_signature(source, kernel),
+                                 notes={"rows": n, "cols": cols, "inner": inner, "vector": tiling.vector,
+                                        "rows_per_thread": tiling.rows_per_thread}))
+    return tuple(plan)
