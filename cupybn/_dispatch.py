@@ -79,8 +79,21 @@ def detached(a):
     return a.detach() if array_api_compat.is_torch_array(a) else a
 
 
+_NAMESPACE_BY_TYPE: dict = {}
+
+
 def namespace(*arrays):
-    """The array-API namespace shared by ``arrays`` (``None`` entries are skipped)."""
+    """The array-API namespace shared by ``arrays`` (``None`` entries are skipped).
+
+    For one array the answer depends only on its type, and it is asked for many times per call on
+    the hot path, so it is cached by type.
+    """
+    if len(arrays) == 1 and arrays[0] is not None:
+        kind = type(arrays[0])
+        xp = _NAMESPACE_BY_TYPE.get(kind)
+        if xp is None:
+            xp = _NAMESPACE_BY_TYPE[kind] = array_api_compat.array_namespace(arrays[0])
+        return xp
     return array_api_compat.array_namespace(*(a for a in arrays if a is not None))
 
 
