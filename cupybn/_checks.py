@@ -6,14 +6,11 @@ the same mistake, the message uses it.
 """
 from __future__ import annotations
 
-import functools
-
 from . import _dispatch
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
-@functools.lru_cache(maxsize=64)
 def dtype_name(dtype) -> str:
     """``"float32"``, ``"int64"``, ... for a NumPy, torch, CuPy or array-api-strict dtype."""
     text = str(dtype)
