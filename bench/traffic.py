@@ -10,8 +10,8 @@ launches touch (``emulator.Module.track``). Columns:
 * ``launches`` -- kernel launches of one forward call;
 * ``x_passes`` -- bytes of x touched, summed over the launches, over the size of x (1 = x streamed
   once); ``y_passes`` -- the same for y;
-* backward rows (``BatchNorm2d backward``: training backward from saved statistics, every
-  gradient asked for): ``dy_passes``, ``x_passes``, ``dx_passes`` -- the same for dy, x and dx;
+* backward rows (``BatchNorm2d backward``, ``LayerNorm backward``: training backward from saved
+  statistics, every gradient asked for): ``dy_passes``, ``x_passes``, ``dx_passes`` -- the same for dy, x and dx;
 * ``grid`` -- grid sizes of the launches (statistics launch: channels x blocks per channel).
 
 LayerNorm / GroupNorm / InstanceNorm run on kernels/fused_groups.cu (planner.plan_groups_forward):
@@ -61,6 +61,8 @@ CASES = [
     ("BatchNorm2d backward", (4, 3, 64, 64), "float32"),
     ("BatchNorm2d backward", (8, 64, 28, 28), "float16"),
     ("BatchNorm2d backward", (4, 3, 64, 64), "float16"),
+    ("LayerNorm backward", (512, 768), "float32"),
+    ("LayerNorm backward", (512, 768), "float16"),
 ]
 
 BACKWARD_KEYS = ("op", "shape", "dtype", "launches", "dy_passes", "x_passes", "dx_passes")
@@ -94,7 +96,38 @@ def run_backward_case(launcher: EmulatorLauncher, op: str, shape, dtype: str) ->
             "block": [math.prod(launch.block) for launch in plan]}
 
 
+def run_layer_norm_backward_case(launcher: EmulatorLauncher, op: str, shape, dtype: str) -> dict:
+    """LayerNorm backward over the last axis from saved statistics, every gradient asked for
+    (planner.plan_groups_backward): per-row sums, dx, then the two-stage dgamma / dbeta."""
+    rng = np.random.default_rng(0)
+    rows, row = shape
+    acc = planner.accumulation_dtype(dtype)
+    x = emulator.array((rng.standard_normal(shape) * 2 + 1).astype(dtype))
+    dy = emulator.array(rng.standard_normal(shape).astype(dtype))
+    dx = emulator.empty(shape, dtype)
+    layout = planner.layer_norm_layout(shape, (row,))
+    device = launcher.device_info()
+    vec = lambda v, d=np.float32: planner.Operand.of(emulator.array(np.asarray(v, d)))  # noqa: E731
+    mean, rstd = vec(np.ones(rows), acc), vec(np.full(rows, 0.5), acc)
+    weight = vec(rng.standard_normal(row))
+    grads = [planner.Operand.of(emulator.empty((row,), np.float32)) for _ in range(2)]
+    sums = planner.Operand.of(emulator.empty((2 * rows,), acc))
+    ws = planner.Operand.of(emulator.empty((planner.groups_backward_workspace(layout, device),), acc))
+    plan = planner.plan_groups_backward(planner.Operand.of(dy), planner.Operand.of(x), planner.Operand.of(dx),
+                                        layout, mean, rstd, weight, grads[0], grads[1], sums, ws, device=device)
+    mod = launcher.module(plan[0].source)
+    with mod.track(dy=dy, x=x, dx=dx) as t:
+        launcher.launch(plan)
+    return {"op": op, "shape": list(shape), "dtype": dtype, "launches": t.launches,
+            "dy_passes": round(t.passes("dy"), 4), "x_passes": round(t.passes("x"), 4),
+            "dx_passes": round(t.passes("dx"), 4),
+            "grid": [launch.grid[0] * launch.grid[1] for launch in plan],
+            "block": [math.prod(launch.block) for launch in plan]}
+
+
 def run_case(launcher: EmulatorLauncher, op: str, shape, dtype: str) -> dict:
+    if op == "LayerNorm backward":
+        return run_layer_norm_backward_case(launcher, op, shape, dtype)
     if op.endswith("backward"):
         return run_backward_case(launcher, op, shape, dtype)
     rng = np.random.default_rng(0)

@@ -216,6 +216,19 @@ def test_the_list_is_what_the_planner_emits():
             plan = planner.plan_batch_norm_backward(x, x, x, st, st, True, w, w, w, sums, 1e-5)
             assert len(plan) == 2
             emitted.update((launch.source, launch.kernel) for launch in plan)
+    # layer / group / instance norm backward (kernels/groups_backward.cu): every (x, weight) dtype pair
+    for x_dtype in planner.FLOAT_DTYPES:
+        acc = planner.accumulation_dtype(x_dtype)
+        x = planner.Operand(None, (2, 3, 4), (12, 4, 1), x_dtype)
+        layout = planner.layer_norm_layout(x.shape, (3, 4))
+        st = planner.Operand(None, (2,), (1,), acc)
+        sums = planner.Operand(None, (4,), (1,), acc)
+        ws = planner.Operand(None, (planner.groups_backward_workspace(layout),), (1,), acc)
+        for p_dtype in planner.FLOAT_DTYPES:
+            w = planner.Operand(None, (12,), (1,), p_dtype)
+            plan = planner.plan_groups_backward(x, x, x, layout, st, st, w, w, w, sums, ws)
+            assert len(plan) == 4
+            emitted.update((launch.source, launch.kernel) for launch in plan)
     assert emitted == set(planner.INSTANTIATIONS)
 
 

@@ -12,10 +12,13 @@ Importing this package imports neither CuPy nor torch.
 """
 from __future__ import annotations
 
+import math
+
 from .interop import is_gpu_array
 
 __all__ = ["batch_norm_backward", "batch_norm_forward", "batch_norm_training_forward", "native_batch_norm", "group_norm_forward", "instance_norm_forward",
-           "is_gpu_array", "layer_norm_forward"]
+           "is_gpu_array", "layer_norm_forward", "native_layer_norm", "layer_norm_backward", "native_group_norm",
+           "group_norm_backward", "native_instance_norm", "instance_norm_backward"]
 
 
 def _require_cupy():
@@ -314,3 +317,228 @@ def instance_norm_forward(input, running_mean, running_var, weight, bias, moment
 
     return _groups_forward(input, planner.instance_norm_layout, weight, bias, eps, True, running_mean,
                            running_var, 0.0 if momentum is None else momentum)
+
+
+# ------------------------------------------------------------------------------------ native forward / backward
+# (layer and group norm: statistics out of the forward, and the backward; kernels/groups_backward.cu)
+
+def _groups_native_forward(input, layout_of, weight, bias, eps, stat_shape_of):
+    """``(output, mean, rstd)`` of a contiguous-group norm: the statistics launch (``moments_forward``
+    over the ``(1, groups, L)`` view, into ``mean`` / ``rstd`` / the exact mean offset) and the
+    group normalize -- ``plan_groups_forward``'s "split" path, the one that leaves the statistics
+    in memory. 2 launches, no host sync. ``mean`` / ``rstd`` in the accumulation dtype, shaped by
+    ``stat_shape_of(x.shape)``."""
+    _require_cupy()
+    from . import interop, planner
+    from .launchers import cupy_launcher
+
+    if eps == 0:
+        raise NotImplementedError("eps == 0 is not supported by the GPU path of native_layer_norm / "
+                                  "native_group_norm (the statistics kernel maps var == eps == 0 to rstd 0)")
+    launcher = cupy_launcher()
+    with interop.input_stream(input):
+        import cupy
+
+        x, x_dtype = interop.as_cupy(input, "input")
+        x = interop.contiguous(x)
+        shape = tuple(int(s) for s in x.shape)
+        layout = layout_of(shape)
+        stat_shape = stat_shape_of(shape)
+        affine = {name: interop.as_cupy(a, name) for name, a in (("weight", weight), ("bias", bias))}
+        param_dtype = interop.promote(d for _, d in affine.values())
+        ops = {name: None if arr is None else
+               planner.Operand.of(interop.contiguous(interop.cast(arr, d, param_dtype)).reshape(-1), param_dtype)
+               for name, (arr, d) in affine.items()}
+        acc = planner.accumulation_dtype(x_dtype)
+        bufs = [cupy.empty((max(layout.groups, 1),), dtype=acc) for _ in range(3)]
+        save = tuple(planner.Operand(planner.Operand.of(b).buf, (layout.groups,), (1,), acc) for b in bufs)
+        native, y = interop.empty_output(input, x, x_dtype)
+        if x.size:
+            plan = planner.plan_groups_forward(
+                planner.Operand.of(x, x_dtype), planner.Operand.of(y, x_dtype), layout, ops["weight"],
+                ops["bias"], eps, False, save=save, path="split", device=launcher.device_info())
+            launcher.launch(plan)
+        mean = bufs[0][:layout.groups].reshape(stat_shape)
+        rstd = bufs[1][:layout.groups].reshape(stat_shape)
+    return interop.to_native(input, native), _native_vector(input, mean), _native_vector(input, rstd)
+
+
+def native_layer_norm(input, normalized_shape, weight, bias, eps):
+    """GPU path of ``cupybn.native.native_layer_norm``: ``(output, mean, rstd)``, the statistics
+    shaped ``input.shape[:-k] + (1,) * k``. See :func:`_groups_native_forward`."""
+    from . import planner
+
+    shape = tuple(int(s) for s in normalized_shape)
+    k = len(shape)
+    return _groups_native_forward(input, lambda s: planner.layer_norm_layout(s, shape), weight, bias, eps,
+                                  lambda s: tuple(s[:len(s) - k]) + (1,) * k)
+
+
+def native_group_norm(input, num_groups, weight, bias, eps):
+    """GPU path of ``cupybn.native.native_group_norm``: ``(output, mean, rstd)``, the statistics
+    ``(N, num_groups)``. See :func:`_groups_native_forward`."""
+    from . import planner
+
+    grp = int(num_groups)
+    return _groups_native_forward(input, lambda s: planner.group_norm_layout(s, grp), weight, bias, eps,
+                                  lambda s: (s[0], grp))
+
+
+def _groups_backward(grad_output, input, layout_of, mean, rstd, weight, gw_dtype_of, gb_dtype_of, output_mask,
+                     per_sample_of):
+    """The shared GPU backward of layer and group norm (``planner.plan_groups_backward``):
+    ``(grad_input, grad_weight, grad_bias)``, entries not asked for None. ``gw_dtype_of`` /
+    ``gb_dtype_of`` map x's dtype to the parameter gradients' dtypes."""
+    _require_cupy()
+    from . import interop, planner
+    from .launchers import cupy_launcher
+
+    mask = tuple(bool(m) for m in output_mask)
+    launcher = cupy_launcher()
+    with interop.input_stream(input):
+        import cupy
+
+        x, x_dtype = interop.as_cupy(input, "input")
+        x = interop.contiguous(x)
+        g, g_dtype = interop.as_cupy(grad_output, "grad_output")
+        g = interop.contiguous(g)
+        if g_dtype != x_dtype:
+            if x_dtype == "bfloat16":
+                raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
+            g = interop.contiguous(interop.cast(g, g_dtype, x_dtype))
+        layout = layout_of(tuple(int(s) for s in x.shape))
+        acc = planner.accumulation_dtype(x_dtype)
+        per_sample = int(per_sample_of(tuple(int(s) for s in x.shape)))
+        gw_dtype, gb_dtype = gw_dtype_of(x_dtype), gb_dtype_of(x_dtype)
+        gw = cupy.empty((per_sample,), dtype=planner.storage_dtype(gw_dtype)) if mask[1] else None
+        gb = cupy.empty((per_sample,), dtype=planner.storage_dtype(gb_dtype)) if mask[2] else None
+        native_dx, dx = interop.empty_output(input, x, x_dtype) if mask[0] else (None, None)
+        if x.size == 0:
+            for a in (gw, gb):
+                if a is not None:
+                    a.fill(0)
+        else:
+            st = []
+            for name, a in (("mean", mean), ("rstd", rstd)):
+                if a is None:
+                    raise ValueError(f"{name} is required")
+                arr, d = interop.as_cupy(a, name)
+                if arr.size != layout.groups:
+                    raise ValueError(f"{name} must have {layout.groups} values, got shape {tuple(arr.shape)}")
+                arr = interop.contiguous(arr).reshape(-1)
+                st.append(planner.Operand.of(interop.contiguous(interop.cast(arr, d, acc)) if d != acc else arr, acc))
+            w, w_dtype = interop.as_cupy(weight, "weight")
+            w_op = None if w is None else planner.Operand.of(interop.contiguous(w).reshape(-1), w_dtype)
+            sums = planner.Operand.of(cupy.empty((2 * layout.groups,), dtype=acc)) if mask[0] else None
+            device = launcher.device_info()
+            ws = None
+            if mask[1] or mask[2]:
+                ws = planner.Operand.of(cupy.empty((planner.groups_backward_workspace(layout, device),), dtype=acc))
+            gw_op = None if gw is None else planner.Operand.of(gw, gw_dtype)
+            gb_op = None if gb is None else planner.Operand.of(gb, gb_dtype)
+            x_op, g_op = planner.Operand.of(x, x_dtype), planner.Operand.of(g, x_dtype)
+            dx_op = None if dx is None else planner.Operand.of(dx, x_dtype)
+            if gw_op is not None and gb_op is not None and gw_dtype != gb_dtype:
+                plan = (planner.plan_groups_backward(g_op, x_op, dx_op, layout, st[0], st[1], w_op, gw_op, None,
+                                                     sums, ws, device=device)
+                        + planner.plan_groups_backward(g_op, x_op, None, layout, st[0], st[1], w_op, None, gb_op,
+                                                       None, ws, device=device))
+            else:
+                plan = planner.plan_groups_backward(g_op, x_op, dx_op, layout, st[0], st[1], w_op, gw_op, gb_op,
+                                                    sums, ws, device=device)
+            launcher.launch(plan)
+    out_dx = None if native_dx is None else interop.to_native(input, native_dx)
+
+    def conv(a, d):
+        if a is None:
+            return None
+        if d == "bfloat16" and interop_framework(input) == "torch":
+            import torch
+
+            return torch.from_dlpack(a).view(torch.bfloat16)
+        return _native_vector(input, a)
+
+    return out_dx, conv(gw, gw_dtype), conv(gb, gb_dtype)
+
+
+def _dtype_name(a):
+    from . import interop
+
+    return interop.as_cupy(a, "parameter")[1]
+
+
+def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask):
+    """GPU path of ``cupybn.native.layer_norm_backward``: ``(grad_input, grad_weight, grad_bias)``,
+    the parameter gradients shaped ``normalized_shape`` in the weight's (bias's) dtype, else the
+    input's. Up to 4 launches (``planner.plan_groups_backward``): per-row sums and dx; dgamma /
+    dbeta as a two-stage coalesced column reduction. Deterministic, no float atomics, no host sync."""
+    from . import planner
+
+    shape = tuple(int(s) for s in normalized_shape)
+    w_d = None if weight is None else _dtype_name(weight)
+    b_d = None if bias is None else _dtype_name(bias)
+    dx, gw, gb = _groups_backward(grad_output, input, lambda s: planner.layer_norm_layout(s, shape), mean, rstd,
+                                  weight, lambda x: w_d or x, lambda x: b_d or w_d or x, output_mask,
+                                  lambda s: math.prod(shape))
+    return dx, None if gw is None else gw.reshape(shape), None if gb is None else gb.reshape(shape)
+
+
+def group_norm_backward(grad_output, input, mean, rstd, weight, num_groups, output_mask):
+    """GPU path of ``cupybn.native.group_norm_backward``: ``(grad_input, grad_weight, grad_bias)``,
+    ``(C,)`` parameter gradients in the weight's dtype (else the input's). See
+    :func:`layer_norm_backward`."""
+    from . import planner
+
+    grp = int(num_groups)
+    w_d = None if weight is None else _dtype_name(weight)
+    return _groups_backward(grad_output, input, lambda s: planner.group_norm_layout(s, grp), mean, rstd, weight,
+                            lambda x: w_d or x, lambda x: w_d or x, output_mask, lambda s: s[1])
+
+
+def native_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps):
+    """GPU path of ``cupybn.native.native_instance_norm`` with ``use_input_stats``: ``(output,
+    save_mean, save_invstd)``, the statistics ``(N*C,)`` in the accumulation dtype. The fused forward
+    (:func:`instance_norm_forward`, running statistics updated in place) and the statistics launch
+    (``moments_forward`` over the ``(1, N*C, spatial)`` view, batch norm's zero-variance rule):
+    2 launches, no host sync."""
+    _require_cupy()
+    from . import interop, planner
+    from .launchers import cupy_launcher
+
+    if not use_input_stats:
+        raise NotImplementedError("native_instance_norm without use_input_stats goes through native_batch_norm")
+    y = instance_norm_forward(input, running_mean, running_var, weight, bias, momentum, eps)
+    launcher = cupy_launcher()
+    with interop.input_stream(input):
+        import cupy
+
+        x, x_dtype = interop.as_cupy(input, "input")
+        x = interop.contiguous(x)
+        n, c = int(x.shape[0]), int(x.shape[1])
+        spatial = math.prod(int(s) for s in x.shape[2:])
+        acc = planner.accumulation_dtype(x_dtype)
+        mean = cupy.empty((n * c,), dtype=acc)
+        invstd = cupy.empty((n * c,), dtype=acc)
+        mean.fill(0)
+        invstd.fill(0)
+        if x.size:
+            plan = planner.plan_moments(planner.Operand.of(x, x_dtype), (1, n * c, spatial),
+                                        planner.Operand.of(mean), planner.Operand.of(invstd), eps,
+                                        device=launcher.device_info(), columns=False)
+            launcher.launch(plan)
+    return y, _native_vector(input, mean), _native_vector(input, invstd)
+
+
+def instance_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
+                           use_input_stats, eps, output_mask):
+    """GPU path of ``cupybn.native.instance_norm_backward`` with ``use_input_stats``: the group
+    backward (:func:`layer_norm_backward`) over the ``(N*C, spatial)`` groups with the saved
+    statistics; ``(C,)`` parameter gradients summed over the batch, in the weight's dtype (else the
+    input's)."""
+    from . import planner
+
+    if not use_input_stats:
+        raise NotImplementedError("instance_norm_backward without use_input_stats goes through batch_norm_backward")
+    w_d = None if weight is None else _dtype_name(weight)
+    return _groups_backward(grad_output, input, planner.instance_norm_layout, save_mean, save_invstd, weight,
+                            lambda x: w_d or x, lambda x: w_d or x, output_mask, lambda s: s[1])

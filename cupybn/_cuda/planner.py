@@ -799,6 +799,35 @@ def _add_backward_instantiations(table: dict) -> None:
 
 
 _add_backward_instantiations(_SIGNATURES)
+
+# ------------------------------------------------------------------------------------ group norms backward
+
+_GB_REDUCE = "cupybn::groups_backward_reduce<{T}, {P}>"
+_GB_REDUCE_SIGNATURE = ("p:{T}", "p:{T}", "i64", "i64", "i64", "i64", "p:{A}", "p:{A}", "p:{P}", "p:{A}")
+_GB_DX = "cupybn::groups_backward_dx<{T}, {P}>"
+_GB_DX_SIGNATURE = ("p:{T}", "p:{T}", "p:{T}", "i64", "i64", "i64", "i64", "p:{A}", "p:{A}", "p:{P}", "p:{A}")
+_GB_PARTIAL = "cupybn::groups_backward_param_partial<{T}>"
+_GB_PARTIAL_SIGNATURE = ("p:{T}", "p:{T}", "i64", "i64", "i64", "i64", "p:{A}", "p:{A}", "i64", "p:{A}")
+_GB_COMBINE = "cupybn::groups_backward_param_combine<{T}, {P}>"  # T: the accumulation type here
+_GB_COMBINE_SIGNATURE = ("p:{A}", "i64", "i64", "p:{P}", "p:{P}")
+
+
+def _add_groups_backward_instantiations(table: dict) -> None:
+    src = "groups_backward.cu"
+    for x in FLOAT_DTYPES:
+        for p in FLOAT_DTYPES:
+            names = dict(T=cxx_type(x), P=cxx_type(p))
+            table[(src, _GB_REDUCE.format(**names))] = tuple(c.format(**_codes(x, p)) for c in _GB_REDUCE_SIGNATURE)
+            table[(src, _GB_DX.format(**names))] = tuple(c.format(**_codes(x, p)) for c in _GB_DX_SIGNATURE)
+        table[(src, _GB_PARTIAL.format(T=cxx_type(x)))] = tuple(
+            c.format(**_codes(x, x)) for c in _GB_PARTIAL_SIGNATURE)
+    for a in ("float32", "float64"):
+        for p in FLOAT_DTYPES:
+            table[(src, _GB_COMBINE.format(T=cxx_type(a), P=cxx_type(p)))] = tuple(
+                c.format(**_codes(a, p)) for c in _GB_COMBINE_SIGNATURE)
+
+
+_add_groups_backward_instantiations(_SIGNATURES)
 INSTANTIATIONS = tuple(_SIGNATURES)
 
 
@@ -1051,3 +1080,115 @@ def plan_batch_norm_backward(grad_output: Operand, x: Operand, grad_input: Opera
                                  notes={"rows": n, "cols": cols, "inner": inner, "vector": tiling.vector,
                                         "rows_per_thread": tiling.rows_per_thread}))
     return tuple(plan)
+
+
+GROUPS_BACKWARD_THREADS = 256  # kernels/groups_backward.cu kGroupsBackwardThreads
+
+
+def plan_groups_backward(grad_output: Operand, x: Operand, grad_input: Operand | None, layout: GroupsLayout,
+                         mean: Operand, rstd: Operand, weight: Operand | None, grad_weight: Operand | None,
+                         grad_bias: Operand | None, sums: Operand | None, workspace: Operand | None,
+                         device: DeviceInfo = DeviceInfo(), chunks: int | None = None) -> tuple[KernelLaunch, ...]:
+    """Launches of the backward of the contiguous-group norms (``kernels/groups_backward.cu``).
+
+    ``grad_output``, ``x``, ``grad_input`` (None: not asked for): contiguous, one float dtype, covered
+    by ``layout``. ``mean`` / ``rstd``: ``(groups,)`` in the accumulation dtype. ``weight`` (optional),
+    ``grad_weight`` / ``grad_bias`` (optional outputs): ``per_sample`` values of one dtype ``P``.
+    ``sums``: ``(2 * groups,)`` accumulation dtype, required with ``grad_input``. ``workspace``:
+    accumulation dtype, at least :func:`groups_backward_workspace` values, required with
+    ``grad_weight`` / ``grad_bias``.
+
+    Launches: with ``grad_input``, a block-per-group reduction of ``sum(g)`` / ``sum(g * xhat)``
+    (``g = dy * weight``) and an elementwise dx (grid-stride, one wave); with parameter gradients,
+    a two-stage column reduction (partial sums per chunk of samples, thread per parameter, then a
+    fixed-order combine over chunks). At most 4; deterministic, no float atomics, no host sync.
+    """
+    if grad_output.shape != x.shape or grad_output.dtype != x.dtype:
+        raise ValueError(f"grad_output {grad_output.shape} {grad_output.dtype} does not match input")
+    if grad_input is not None and (grad_input.shape != x.shape or grad_input.dtype != x.dtype):
+        raise ValueError("grad_input does not match input")
+    for name, o in (("input", x), ("grad_output", grad_output), ("grad_input", grad_input)):
+        if o is not None and not o.is_contiguous():
+            raise ValueError(f"the backward kernels need contiguous {name}")
+    if layout.groups * layout.length != x.size:
+        raise ValueError(f"layout {layout} does not cover x of shape {x.shape}")
+    acc = accumulation_dtype(x.dtype)
+    for name, o in (("mean", mean), ("rstd", rstd)):
+        if o.size != layout.groups or o.dtype != acc:
+            raise ValueError(f"{name} must be ({layout.groups},) {acc}")
+    per_sample = layout.length // layout.inner * layout.groups_per_sample
+    for name, o in (("weight", weight), ("grad_weight", grad_weight), ("grad_bias", grad_bias)):
+        if o is not None and (o.size != per_sample or not o.is_contiguous()):
+            raise ValueError(f"{name} must be {per_sample} contiguous values")
+    if x.size == 0:
+        return ()
+    plan = []
+    tc, pc = cxx_type(x.dtype), cxx_type(weight.dtype if weight is not None else acc)
+    common = (np.int64(layout.groups), np.int64(layout.length), np.int64(layout.groups_per_sample),
+              np.int64(layout.inner))
+    if grad_input is not None:
+        if sums is None or sums.size != 2 * layout.groups or sums.dtype != acc:
+            raise ValueError(f"sums must be a ({2 * layout.groups},) {acc} vector")
+        if layout.groups > device.max_grid_x:
+            raise ValueError(f"{layout.groups} groups need more blocks than CUDA's grid limit")
+        w = None if weight is None else weight.buf
+        source, kernel = _instantiation("groups_backward.cu", _GB_REDUCE.format(T=tc, P=pc))
+        plan.append(KernelLaunch(source=source, kernel=kernel, grid=(layout.groups, 1, 1),
+                                 block=(GROUPS_BACKWARD_THREADS, 1, 1),
+                                 args=(grad_output.buf, x.buf) + common + (mean.buf, rstd.buf, w, sums.buf),
+                                 signature=declared_signature(source, kernel), notes={"layout": layout}))
+        resident = max(1, device.sm_count * (device.max_threads_per_sm // GROUPS_BACKWARD_THREADS))
+        grid = (max(1, min(-(-x.size // GROUPS_BACKWARD_THREADS), resident)), 1, 1)
+        source, kernel = _instantiation("groups_backward.cu", _GB_DX.format(T=tc, P=pc))
+        plan.append(KernelLaunch(source=source, kernel=kernel, grid=grid, block=(GROUPS_BACKWARD_THREADS, 1, 1),
+                                 args=(grad_output.buf, x.buf, grad_input.buf) + common
+                                 + (mean.buf, rstd.buf, w, sums.buf),
+                                 signature=declared_signature(source, kernel), notes={"layout": layout}))
+    if grad_weight is not None or grad_bias is not None:
+        gp = (grad_weight if grad_weight is not None else grad_bias).dtype
+        if grad_weight is not None and grad_bias is not None and grad_weight.dtype != grad_bias.dtype:
+            raise TypeError("grad_weight and grad_bias of different dtypes")
+        samples = layout.groups // layout.groups_per_sample
+        n_chunks, per_chunk = groups_backward_chunks(layout, device, chunks)
+        need = groups_backward_workspace(layout, device, chunks)
+        if workspace is None or workspace.size < need or workspace.dtype != acc:
+            raise ValueError(f"workspace must hold {need} {acc} values")
+        cols = (-(-per_sample // GROUPS_BACKWARD_THREADS), n_chunks, 1)
+        source, kernel = _instantiation("groups_backward.cu", _GB_PARTIAL.format(T=tc))
+        plan.append(KernelLaunch(source=source, kernel=kernel, grid=cols, block=(GROUPS_BACKWARD_THREADS, 1, 1),
+                                 args=(grad_output.buf, x.buf, np.int64(samples), np.int64(per_sample),
+                                       np.int64(layout.inner), np.int64(layout.groups_per_sample), mean.buf,
+                                       rstd.buf, np.int64(per_chunk), workspace.buf),
+                                 signature=declared_signature(source, kernel),
+                                 notes={"chunks": n_chunks, "samples_per_chunk": per_chunk}))
+        source, kernel = _instantiation("groups_backward.cu", _GB_COMBINE.format(T=cxx_type(acc), P=cxx_type(gp)))
+        plan.append(KernelLaunch(source=source, kernel=kernel, grid=(cols[0], 1, 1),
+                                 block=(GROUPS_BACKWARD_THREADS, 1, 1),
+                                 args=(workspace.buf, np.int64(n_chunks), np.int64(per_sample),
+                                       None if grad_weight is None else grad_weight.buf,
+                                       None if grad_bias is None else grad_bias.buf),
+                                 signature=declared_signature(source, kernel), notes={"chunks": n_chunks}))
+    return tuple(plan)
+
+
+def groups_backward_chunks(layout: GroupsLayout, device: DeviceInfo = DeviceInfo(),
+                           chunks: int | None = None) -> tuple[int, int]:
+    """``(chunks, samples per chunk)`` of the parameter-gradient column reduction: about 4 blocks per
+    SM, at least 32 samples (rows) per chunk so the workspace stays small next to dy / x, at most
+    1024 chunks (``chunks`` forces a count)."""
+    samples = max(1, layout.groups // layout.groups_per_sample)
+    per_sample = layout.length // layout.inner * layout.groups_per_sample
+    col_blocks = max(1, -(-per_sample // GROUPS_BACKWARD_THREADS))
+    if chunks is None:
+        chunks = max(1, min(samples, 1024, device.max_grid_y, -(-4 * device.sm_count // col_blocks),
+                            -(-samples // 32)))
+    chunks = max(1, min(chunks, samples))
+    per_chunk = -(-samples // chunks)
+    return -(-samples // per_chunk), per_chunk
+
+
+def groups_backward_workspace(layout: GroupsLayout, device: DeviceInfo = DeviceInfo(),
+                              chunks: int | None = None) -> int:
+    """Accumulation-dtype values of the parameter-gradient workspace of :func:`plan_groups_backward`."""
+    per_sample = layout.length // layout.inner * layout.groups_per_sample
+    return 2 * groups_backward_chunks(layout, device, chunks)[0] * per_sample
