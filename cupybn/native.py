@@ -53,9 +53,8 @@ Conventions:
 CPU inputs (NumPy, torch CPU, array-api-strict) run the array-API reference backward in
 :mod:`cupybn._reference` (:func:`~cupybn._reference.grad_sums`,
 :func:`~cupybn._reference.normalize_backward`), written once for every framework. GPU inputs
-(CuPy, CUDA torch) run the kernels of :mod:`cupybn._cuda` of the same names: batch norm has them
-(``native_batch_norm``, ``batch_norm_backward``); the other norms raise ``NotImplementedError``
-naming the missing kernel until theirs land.
+(CuPy, CUDA torch) run the kernels of :mod:`cupybn._cuda` of the same names
+(``native_batch_norm``, ``batch_norm_backward``, ``native_layer_norm``, ...).
 """
 from __future__ import annotations
 
