@@ -21,6 +21,24 @@ __all__ = ["batch_norm_backward", "batch_norm_forward", "batch_norm_training_for
            "group_norm_backward", "native_instance_norm", "instance_norm_backward"]
 
 
+def _input_and_grad(input, grad_output):
+    """``(x, x dtype, grad_output)`` as contiguous CuPy arrays, grad_output in x's dtype.
+
+    Call inside ``interop.input_stream(input)``.
+    """
+    from . import interop
+
+    x, x_dtype = interop.as_cupy(input, "input")
+    x = interop.contiguous(x)
+    g, g_dtype = interop.as_cupy(grad_output, "grad_output")
+    g = interop.contiguous(g)
+    if g_dtype != x_dtype:
+        if x_dtype == "bfloat16":
+            raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
+        g = interop.contiguous(interop.cast(g, g_dtype, x_dtype))
+    return x, x_dtype, g
+
+
 def _require_cupy():
     """The GPU path computes with CuPy; without it, say so (a torch-only install lands here)."""
     try:
@@ -188,14 +206,7 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
     with interop.input_stream(input):
         import cupy
 
-        x, x_dtype = interop.as_cupy(input, "input")
-        x = interop.contiguous(x)
-        g, g_dtype = interop.as_cupy(grad_output, "grad_output")
-        g = interop.contiguous(g)
-        if g_dtype != x_dtype:
-            g = interop.contiguous(interop.cast(g, g_dtype, x_dtype)) if x_dtype != "bfloat16" else None
-            if g is None:
-                raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
+        x, x_dtype, g = _input_and_grad(input, grad_output)
         acc = planner.accumulation_dtype(x_dtype)
         channels = int(x.shape[1])
         if train:
@@ -398,14 +409,7 @@ def _groups_backward(grad_output, input, layout_of, mean, rstd, weight, gw_dtype
     with interop.input_stream(input):
         import cupy
 
-        x, x_dtype = interop.as_cupy(input, "input")
-        x = interop.contiguous(x)
-        g, g_dtype = interop.as_cupy(grad_output, "grad_output")
-        g = interop.contiguous(g)
-        if g_dtype != x_dtype:
-            if x_dtype == "bfloat16":
-                raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
-            g = interop.contiguous(interop.cast(g, g_dtype, x_dtype))
+        x, x_dtype, g = _input_and_grad(input, grad_output)
         layout = layout_of(tuple(int(s) for s in x.shape))
         acc = planner.accumulation_dtype(x_dtype)
         per_sample = int(per_sample_of(tuple(int(s) for s in x.shape)))

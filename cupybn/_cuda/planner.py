@@ -457,6 +457,17 @@ def _require_vector(name: str, op: Operand | None, channels: int, optional: bool
         raise ValueError(f"{name} must be contiguous")
 
 
+def _check_batch_norm_io(x: Operand, y: Operand) -> None:
+    """Input and output of a batch-norm plan: contiguous ``(N, C, ...)`` of one shape and dtype."""
+    if len(x.shape) < 2:
+        raise ValueError(f"batch norm needs an (N, C, ...) input, got shape {x.shape}")
+    if y.shape != x.shape or y.dtype != x.dtype:
+        raise ValueError(f"output {y.shape} {y.dtype} does not match input {x.shape} {x.dtype}")
+    if not x.is_contiguous() or not y.is_contiguous():
+        raise ValueError("the normalize kernel needs contiguous input and output (strides "
+                         f"{x.strides} / {y.strides} for shape {x.shape})")
+
+
 def plan_batch_norm_eval_forward(x: Operand, y: Operand, running_mean: Operand, running_var: Operand,
                                  weight: Operand | None, bias: Operand | None, eps: float,
                                  device: DeviceInfo = DeviceInfo()) -> tuple[KernelLaunch, ...]:
@@ -467,13 +478,7 @@ def plan_batch_norm_eval_forward(x: Operand, y: Operand, running_mean: Operand, 
     (the caller converts mixed parameter dtypes first). Returns one launch, or none for an empty
     input. The kernel folds ``invstd = 1 / sqrt(running_var + eps)`` itself: no host sync.
     """
-    if len(x.shape) < 2:
-        raise ValueError(f"batch norm needs an (N, C, ...) input, got shape {x.shape}")
-    if y.shape != x.shape or y.dtype != x.dtype:
-        raise ValueError(f"output {y.shape} {y.dtype} does not match input {x.shape} {x.dtype}")
-    if not x.is_contiguous() or not y.is_contiguous():
-        raise ValueError("the normalize kernel needs contiguous input and output (strides "
-                         f"{x.strides} / {y.strides} for shape {x.shape})")
+    _check_batch_norm_io(x, y)
     channels = x.shape[1]
     _require_vector("running_mean", running_mean, channels, optional=False)
     _require_vector("running_var", running_var, channels, optional=False)
@@ -697,13 +702,7 @@ def plan_batch_norm_train_forward(x: Operand, y: Operand, save_mean: Operand, sa
     what keeps large-mean inputs accurate) receives ``batch mean - save_mean``, folded into the
     normalize's shift. Two launches; an empty batch: only the counter launch (or none).
     """
-    if len(x.shape) < 2:
-        raise ValueError(f"batch norm needs an (N, C, ...) input, got shape {x.shape}")
-    if y.shape != x.shape or y.dtype != x.dtype:
-        raise ValueError(f"output {y.shape} {y.dtype} does not match input {x.shape} {x.dtype}")
-    if not x.is_contiguous() or not y.is_contiguous():
-        raise ValueError("the normalize kernel needs contiguous input and output (strides "
-                         f"{x.strides} / {y.strides} for shape {x.shape})")
+    _check_batch_norm_io(x, y)
     channels = x.shape[1]
     _require_vector("weight", weight, channels, optional=True)
     _require_vector("bias", bias, channels, optional=True)
