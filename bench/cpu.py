@@ -1,9 +1,9 @@
 """CPU benchmark: cupybn's reference path on NumPy input against torch.nn.functional.batch_norm.
 
 BatchNorm training forward, float32, on the shapes of issue 2. Both run in the same process on
-the same data, alternating call by call so that a busy machine slows both alike; each time is
-the median of ``--repeat`` runs after a warm-up. torch uses its default intra-op threads,
-cupybn its block thread pool. The last line printed is ``worst ratio cupybn/torch: X.XX``.
+the same data, taking turns (a few calls each) so that a busy machine slows both alike; each
+time is the median of ``3 * --repeat`` calls. torch uses its default intra-op threads, cupybn
+its block thread pool. The last line printed is ``worst ratio cupybn/torch: X.XX``.
 
     python bench/cpu.py [--repeat 15]
 """
@@ -20,22 +20,28 @@ import cupybn
 SHAPES = [(32, 64, 56, 56), (256, 256, 14, 14), (8, 3, 224, 224), (4096, 512)]
 
 
-def median_ms(fns, repeat: int) -> list[float]:
-    """Median milliseconds of each function, the functions called in turn ``repeat`` times."""
+def median_ms(fns, repeat: int, burst: int = 3) -> list[float]:
+    """Median milliseconds of each function, the functions taking turns ``repeat`` times.
+
+    Each turn is one untimed call, then ``burst`` timed calls. The untimed call absorbs the other
+    library's leftovers: torch's OpenMP workers keep spinning for a few milliseconds after each
+    call, and a call that starts then competes with them for the second core. Taking turns call
+    by call would charge that to whichever library runs next.
+    """
     times = [[] for _ in fns]
-    for fn in fns:
-        fn()
     for _ in range(repeat):
         for fn, t in zip(fns, times):
-            start = time.perf_counter()
             fn()
-            t.append(time.perf_counter() - start)
+            for _ in range(burst):
+                start = time.perf_counter()
+                fn()
+                t.append(time.perf_counter() - start)
     return [statistics.median(t) * 1e3 for t in times]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=21)
+    parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args()
     try:
         import torch

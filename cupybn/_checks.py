@@ -11,8 +11,24 @@ from . import _dispatch
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
+_NAMES: dict = {}
+
+
 def dtype_name(dtype) -> str:
     """``"float32"``, ``"int64"``, ... for a NumPy, torch, CuPy or array-api-strict dtype."""
+    # Keyed by (type, dtype): a lookup then never compares dtypes of two frameworks (array-api-strict
+    # warns when its dtypes are compared with NumPy's), and NumPy's str(dtype) is slow Python.
+    try:
+        key = (type(dtype), dtype)
+        return _NAMES[key]
+    except TypeError:  # unhashable: not cached
+        return _dtype_name(dtype)
+    except KeyError:
+        name = _NAMES[key] = _dtype_name(dtype)
+        return name
+
+
+def _dtype_name(dtype) -> str:
     text = str(dtype)
     if text.startswith("dtype("):  # NumPy's repr of a dtype object
         text = text[len("dtype("):]

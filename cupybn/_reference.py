@@ -53,11 +53,20 @@ _BLOCK_ELEMENTS = 1 << 18
 # on 2 cores, threads won on (256, 256, 14, 14) and (32, 64, 56, 56) and lost on 1-5M elements,
 # where GIL hand-offs and BLAS threads inside the pool's threads ate the gain.
 _PARALLEL_MIN_ELEMENTS = 1 << 22
+# Batch norm on (N, C) lays rows side by side up to this many elements per row of its working view.
+_ROW_ELEMENTS = 8192
 # Rows shorter than this are reduced with an elementwise square rather than a dot product.
 _VECDOT_MIN_LENGTH = 32
+# moments sums around centre 0 (no centred copy of the data) when every group's |mean| is at most
+# this many standard deviations: the variance then loses at most log2(1 + limit**2) ~ 2.3 bits to
+# cancellation, against the ~24 of float32 accumulation.
+_ZERO_CENTER_LIMIT = 2.0
 # normalize folds the centre into the shift when |center * scale| stays below this everywhere:
 # the folded form's rounding error is then below 1e-6 of the output's scale.
 _FOLD_LIMIT = 4.0
+
+# Threads of the block pool: the CPUs this process may run on, at most 8.
+_WORKERS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 _pool = None
 
@@ -65,26 +74,43 @@ _pool = None
 def _executor():
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)),
-                                   thread_name_prefix="cupybn")
+        _pool = ThreadPoolExecutor(max_workers=max(1, _WORKERS - 1), thread_name_prefix="cupybn")
     return _pool
 
 
 _local = threading.local()
 
 
-def _scratch(xp, shape, dtype):
+def _cached(key, make):
+    """A per-thread array cached under ``key`` (made by ``make()`` on first use).
+
+    Arrays of the exact shape are kept: slices of one larger buffer measured up to 30% slower in
+    the pool's threads. Few shapes occur per call (the block shapes); the cache is emptied when
+    it grows past a handful of entries so it never holds more than a few blocks of memory.
+    """
+    cache = _local.__dict__.setdefault("cache", {})
+    arr = cache.get(key)
+    if arr is None:
+        if len(cache) >= 16:
+            cache.clear()
+        arr = cache[key] = make()
+    return arr
+
+
+def _scratch(xp, shape, dtype, like):
     """A per-thread work array of ``shape`` (contents undefined), reused across blocks and calls.
 
     Reusing it keeps a block's temporaries in cache and spares the page faults of fresh memory.
     """
-    size = math.prod(shape)
-    key = (xp.__name__, str(dtype))
-    buffers = _local.__dict__.setdefault("buffers", {})
-    buf = buffers.get(key)
-    if buf is None or buf.shape[0] < size:
-        buf = buffers[key] = xp.empty((max(size, _BLOCK_ELEMENTS),), dtype=dtype)
-    return xp.reshape(buf[:size], shape)
+    # the namespace comes first in the key, so dtypes of different frameworks are never compared
+    return _cached(("scratch", xp.__name__, dtype, tuple(shape)),
+                   lambda: _dispatch.empty_aligned(xp, tuple(shape), dtype, like))
+
+
+def _ones(xp, n, dtype, like):
+    """A per-thread vector of ``n`` ones (read only), for the matrix-vector group sums."""
+    return _cached(("ones", xp.__name__, dtype, n),
+                   lambda: xp.ones((n,), dtype=dtype, device=array_api_compat.device(like)))
 
 
 def accumulation_dtype(xp, dtype):
@@ -125,17 +151,39 @@ def _blocks(shape):
             for i in range(0, a, a_step) for j in range(0, c, c_step)]
 
 
-def _map_blocks(fn, shape):
-    """``[fn(block) for block in _blocks(shape)]``, on the thread pool when the array is large.
+def _map_blocks(fn, blocks, elements: int):
+    """``[fn(block) for block in blocks]``, split across the thread pool when the array (of
+    ``elements`` elements) is large.
 
+    Each worker takes one contiguous run of blocks (one task per worker, not per block: a task
+    per block cost more in hand-offs than it saved), the calling thread the first run, so a
+    thread streams through neighbouring memory and the results come back in block order
+    whatever the timing.
     Each task runs in a copy of the caller's context, so settings such as NumPy's ``errstate``
     apply in the pool's threads too.
     """
-    blocks = _blocks(shape)
-    if len(blocks) > 1 and math.prod(shape) >= _PARALLEL_MIN_ELEMENTS:
-        contexts = [contextvars.copy_context() for _ in blocks]  # taken here, in the caller's thread
-        return list(_executor().map(lambda ctx, b: ctx.run(fn, b), contexts, blocks))
-    return [fn(b) for b in blocks]
+    workers = min(len(blocks), _WORKERS) if elements >= _PARALLEL_MIN_ELEMENTS else 1
+    if workers <= 1:
+        return [fn(b) for b in blocks]
+    runs = [blocks[k * len(blocks) // workers:(k + 1) * len(blocks) // workers] for k in range(workers)]
+    contexts = [contextvars.copy_context() for _ in runs[1:]]  # taken here, in the caller's thread
+    pending = [_executor().submit(ctx.run, lambda run=run: [fn(b) for b in run])
+               for ctx, run in zip(contexts, runs[1:])]
+    # The caller takes the first run itself: its thread is already running, a pool thread may
+    # first have to be woken.
+    results = [fn(b) for b in runs[0]]
+    for future in pending:
+        results.extend(future.result())
+    return results
+
+
+def _row_tiles(a: int, c: int) -> int:
+    """How many rows of an ``(a, c)`` array to lay side by side as one row of the working view:
+    the largest divisor of ``a`` that keeps a view row within ``_ROW_ELEMENTS``."""
+    for k in range(max(1, min(a, _ROW_ELEMENTS // max(1, c))), 0, -1):
+        if a % k == 0:
+            return k
+    return 1
 
 
 class _Grouped:
@@ -143,6 +191,11 @@ class _Grouped:
 
     With ``L == 1`` (batch norm on ``(N, C)``) the view drops its last axis: broadcasting a
     ``(C, 1)`` vector over a trailing axis of length 1 makes NumPy loop one element at a time.
+    It also lays ``tiles`` consecutive rows side by side, ``(A / tiles, tiles * C)``, with every
+    per-channel vector repeated ``tiles`` times to match: NumPy's loops restart at every row
+    of a broadcast operation, and rows of a few hundred channels made that restart cost a
+    third of the normalize step. Block bounds and per-group results of the helpers refer to
+    this working view, ``grid``; :meth:`fold` and :meth:`tile` convert per-group vectors.
     """
 
     def __init__(self, x3):
@@ -150,19 +203,37 @@ class _Grouped:
         self.shape = tuple(x3.shape)
         a, c, l = self.shape
         self.flat = l == 1
-        self.x = self.xp.reshape(x3, (a, c)) if self.flat else x3
-        self.axes = (0,) if self.flat else (0, 2)
+        self.tiles = _row_tiles(a, c) if self.flat else 1
+        self.grid = (a // self.tiles, c * self.tiles, l)
+        self.x = self.xp.reshape(x3, self.grid[:2]) if self.flat else x3
         self.acc = accumulation_dtype(self.xp, x3.dtype)
+        self.in_acc = x3.dtype == self.acc
+        self.blocks = _blocks(self.grid)
 
-    def block(self, bounds, copy=False):
-        """The block of x at ``bounds`` in the accumulation dtype (a private copy if ``copy``)."""
+    def map(self, fn):
+        """``[fn(bounds) for bounds in self.blocks]``, on the thread pool when the array is large."""
+        return _map_blocks(fn, self.blocks, math.prod(self.grid))
+
+    def fold(self, v):
+        """Per-group sums of the working view, ``(tiles * C,)``, folded to the ``(C,)`` groups."""
+        if self.tiles == 1:
+            return v
+        return self.xp.matmul(_ones(self.xp, self.tiles, v.dtype, v), self.xp.reshape(v, (self.tiles, self.shape[1])))
+
+    def tile(self, v):
+        """A per-group vector ``(C,)`` repeated for the working view's ``tiles * C`` columns."""
+        return v if self.tiles == 1 else self.xp.concat([v] * self.tiles)
+
+    def block(self, bounds):
+        """The block of x at ``bounds`` in the accumulation dtype (a view when x has that dtype)."""
         a0, a1, c0, c1 = bounds
-        return self.xp.astype(self.x[a0:a1, c0:c1, ...], self.acc, copy=copy)
+        b = self.x[a0:a1, c0:c1, ...]
+        return b if self.in_acc else self.xp.astype(b, self.acc)
 
     def block_shape(self, bounds):
         """Shape of the block at ``bounds``."""
         a0, a1, c0, c1 = bounds
-        return (a1 - a0, c1 - c0) if self.flat else (a1 - a0, c1 - c0, self.shape[2])
+        return (a1 - a0, c1 - c0) if self.flat else (a1 - a0, c1 - c0, self.grid[2])
 
     def per_group(self, vec, bounds):
         """``vec[c0:c1]`` shaped to broadcast against a block."""
@@ -174,17 +245,36 @@ class _Grouped:
         ones, which runs in BLAS at several times the speed of ``sum`` over these axes."""
         xp = self.xp
         if self.flat:
-            return xp.matmul(xp.ones((d.shape[0],), dtype=d.dtype, device=array_api_compat.device(d)), d)
-        ones = xp.ones((d.shape[2],), dtype=d.dtype, device=array_api_compat.device(d))
-        return xp.sum(xp.matmul(d, ones), axis=0)
+            return xp.matmul(_ones(xp, d.shape[0], d.dtype, d), d)
+        return xp.sum(xp.matmul(d, _ones(xp, d.shape[2], d.dtype, d)), axis=0)
 
-    def group_sums_of_squares(self, d):
-        """Per-group sums of ``d * d``; may overwrite ``d``."""
+    def group_sums_of_squares(self, d, overwrite: bool = False):
+        """Per-group sums of ``d * d``; overwrites ``d`` only when ``overwrite``, else squares into
+        the thread's scratch block."""
         xp = self.xp
         if not self.flat and d.shape[2] >= _VECDOT_MIN_LENGTH:
             return xp.sum(xp.vecdot(d, d, axis=-1), axis=0)
-        d *= d
-        return self.group_sums(d)
+        if self.flat:
+            fused = _dispatch.column_sums_of_squares(d)
+            if fused is not None:
+                return fused
+        t = d if overwrite else _scratch(xp, tuple(d.shape), d.dtype, d)
+        _dispatch.binary_into(xp.multiply, d, d, t)
+        return self.group_sums(t)
+
+    def raw_sums(self, bounds):
+        """``(sum(x), sum(x * x))`` per group of the block at ``bounds``: the sums around centre 0,
+        taken without writing a centred copy of the block."""
+        x = self.block(bounds)
+        return self.group_sums(x), self.group_sums_of_squares(x)
+
+    def centred_sums(self, bounds, center):
+        """``(sum(d), sum(d * d))`` per group of the block at ``bounds``, ``d = x - center`` with
+        ``center`` the block's own groups' centres (shape ``(c1-c0,)``)."""
+        xp = self.xp
+        d = _scratch(xp, self.block_shape(bounds), self.acc, self.x)
+        _dispatch.binary_into(xp.subtract, self.block(bounds), center if self.flat else center[:, None], d)
+        return self.group_sums(d), self.group_sums_of_squares(d, overwrite=True)
 
     def sums(self, fn, combine):
         """Per-group results of ``fn(bounds) -> tuple of (c1-c0,) arrays`` over all blocks.
@@ -192,42 +282,76 @@ class _Grouped:
         ``combine[i]`` says whether result ``i`` is a sum over blocks (added in block order, so
         the result does not depend on thread timing) or the same value from every block.
         """
-        totals = [self.xp.zeros((self.shape[1],), dtype=self.acc) for _ in combine]
-        for (_, _, c0, c1), results in zip(_blocks(self.shape), _map_blocks(fn, self.shape)):
+        totals = [self.xp.zeros((self.grid[1],), dtype=self.acc) for _ in combine]
+        for (_, _, c0, c1), results in zip(self.blocks, self.map(fn)):
             for total, add, r in zip(totals, combine, results):
                 total[c0:c1] = total[c0:c1] + r if add else r
         return totals
+
+
+def _mean_var(sum1, sum2, count, zeros):
+    """Mean and biased variance (clipped at 0: rounding can leave it a few ulps below) from the
+    sums of ``d`` and ``d * d`` around a centre; the mean is relative to that centre."""
+    xp = _dispatch.namespace(sum1)
+    mean = sum1 / count
+    var = sum2 / count - mean * mean
+    return mean, xp.where(var < 0, zeros, var)
+
+
+def _zero_centre_serves(mean, var) -> bool:
+    """Whether sums around 0 are accurate: ``|mean| <= _ZERO_CENTER_LIMIT * std`` in every group
+    (False where any is NaN, so non-finite data takes the centred path)."""
+    xp = _dispatch.namespace(mean)
+    return bool(xp.all(mean * mean <= (_ZERO_CENTER_LIMIT ** 2) * var))
 
 
 def moments(x3) -> Moments:
     """Mean and biased variance over axes 0 and 2 of ``x3`` (shape ``(A, C, L)``, ``A*L > 0``).
 
     One pass over memory: each cache-sized block is summed around a provisional centre while it
-    is still in cache. With ``A == 1`` every block holds whole groups and takes the centre from
-    its own data; otherwise (batch norm) all blocks share the centre of the first block's
-    entries of axis 0, read once more up front.
+    is still in cache. The centre is 0 (the block is summed as it is, without writing a centred
+    copy) where that is accurate: where every group's mean lies within ``_ZERO_CENTER_LIMIT``
+    standard deviations of 0, checked on the final sums. Elsewhere the centre is a mean of the
+    data. With ``A == 1`` every block holds whole groups and decides on its own data; otherwise
+    (batch norm) all blocks share one centre, chosen from the first block's entries of axis 0
+    (their mean, or 0), and a pass around 0 that fails the check on the totals is done again
+    around the mean that pass found.
     """
     g = _Grouped(x3)
     xp = g.xp
     a, c, l = g.shape
-
-    def local_center(bounds):
-        return g.group_sums(g.block(bounds)) / ((bounds[1] - bounds[0]) * l)
-
-    first = _blocks(g.shape)[0]
-    shared = local_center((first[0], first[1], 0, c)) if a > 1 else None
-
-    def block_sums(bounds):
-        center = shared[bounds[2]:bounds[3]] if shared is not None else local_center(bounds)
-        d = _scratch(xp, g.block_shape(bounds), g.acc)
-        _dispatch.binary_into(xp.subtract, g.block(bounds), center if g.flat else center[:, None], d)
-        total = g.group_sums(d)
-        return center, total, g.group_sums_of_squares(d)
-
-    center, dsum, dsq = g.sums(block_sums, combine=(False, True, True))
     count = a * l
-    offset = dsum / count
-    var = xp.clip(dsq / count - offset * offset, min=0.0)
+    zeros = xp.zeros((c,), dtype=g.acc)
+
+    if a == 1:  # every block holds whole groups (the working view is the view itself)
+        def block_sums(bounds):
+            n = l * (bounds[1] - bounds[0])
+            s1, s2 = g.raw_sums(bounds)
+            if _zero_centre_serves(*_mean_var(s1, s2, n, zeros[bounds[2]:bounds[3]])):
+                return zeros[bounds[2]:bounds[3]], s1, s2
+            center = s1 / n
+            return (center,) + g.centred_sums(bounds, center)
+
+        center, dsum, dsq = g.sums(block_sums, combine=(False, True, True))
+        offset, var = _mean_var(dsum, dsq, count, zeros)
+        return Moments(center=center, offset=offset, var=var, count=count)
+
+    probe = (0, g.blocks[0][1], 0, g.grid[1])  # the first rows, every group
+    probe_sums = g.raw_sums(probe)
+    n = probe[1] * g.tiles * l
+    center, probe_var = _mean_var(g.fold(probe_sums[0]), g.fold(probe_sums[1]), n, zeros)
+    if _zero_centre_serves(center, probe_var):
+        # the probe is usually the first block: its sums are not taken twice
+        totals = g.sums(lambda bounds: probe_sums if bounds == probe else g.raw_sums(bounds), combine=(True, True))
+        offset, var = _mean_var(g.fold(totals[0]), g.fold(totals[1]), count, zeros)
+        if _zero_centre_serves(offset, var):
+            return Moments(center=zeros, offset=offset, var=var, count=count)
+        # The first rows were not representative: sum again around the mean just found (within
+        # float32 rounding of the true mean, which is all a centre needs).
+        center = offset
+    tiled = g.tile(center)
+    totals = g.sums(lambda bounds: g.centred_sums(bounds, tiled[bounds[2]:bounds[3]]), combine=(True, True))
+    offset, var = _mean_var(g.fold(totals[0]), g.fold(totals[1]), count, zeros)
     return Moments(center=center, offset=offset, var=var, count=count)
 
 
@@ -253,18 +377,21 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
     """
     g = _Grouped(x3)
     xp = g.xp
-    y = xp.empty(g.x.shape, dtype=x3.dtype, device=array_api_compat.device(x3))
+    y = _dispatch.empty_aligned(xp, g.x.shape, x3.dtype, x3)
     # x * scale + (shift - center * scale) saves a pass but rounds at the size of center * scale:
     # take it only when that is small, so large-mean inputs keep the exact subtraction.
     if bool(xp.all(xp.abs(center * scale) <= _FOLD_LIMIT)):
         shift = shift - center * scale
         center = None
+    else:
+        center = g.tile(center)
+    scale, shift = g.tile(scale), g.tile(shift)
 
     def block(bounds):
         a0, a1, c0, c1 = bounds
         out = y[a0:a1, c0:c1, ...]
         # Work in the output when it has the accumulation dtype, else in a scratch block.
-        t = out if x3.dtype == g.acc else _scratch(xp, g.block_shape(bounds), g.acc)
+        t = out if g.in_acc else _scratch(xp, g.block_shape(bounds), g.acc, x3)
         if center is None:
             _dispatch.binary_into(xp.multiply, g.block(bounds), g.per_group(scale, bounds), t)
         else:  # subtract first: exact for large means
@@ -278,7 +405,7 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
         if t is not out:
             out[...] = xp.astype(t, x3.dtype)
 
-    _map_blocks(block, g.shape)
+    g.map(block)
     return xp.reshape(y, g.shape)
 
 
