@@ -1,8 +1,8 @@
 """CPU benchmark: cupybn's reference path on NumPy input against torch.nn.functional.batch_norm.
 
 BatchNorm training forward, float32, on the shapes of issue 2. Both run in the same process on
-the same data, taking turns (a few calls each) so that a busy machine slows both alike; each
-time is the median of ``3 * --repeat`` calls. torch uses its default intra-op threads, cupybn
+the same data, taking turns (a few calls each, see ``median_ms``) so that a busy machine slows
+both alike; each time is the median of ``3 * --repeat`` calls. torch uses its default intra-op threads, cupybn
 its block thread pool. The last line printed is ``worst ratio cupybn/torch: X.XX``.
 
     python bench/cpu.py [--repeat 15]
@@ -20,18 +20,23 @@ import cupybn
 SHAPES = [(32, 64, 56, 56), (256, 256, 14, 14), (8, 3, 224, 224), (4096, 512)]
 
 
-def median_ms(fns, repeat: int, burst: int = 3) -> list[float]:
+def median_ms(fns, repeat: int, burst: int = 3, settle_s: float = 0.01) -> list[float]:
     """Median milliseconds of each function, the functions taking turns ``repeat`` times.
 
-    Each turn is one untimed call, then ``burst`` timed calls. The untimed call absorbs the other
-    library's leftovers: torch's OpenMP workers keep spinning for a few milliseconds after each
-    call, and a call that starts then competes with them for the second core. Taking turns call
-    by call would charge that to whichever library runs next.
+    Each turn first calls the function untimed for ``settle_s`` (at least once), then times
+    ``burst`` calls. The untimed calls outlast the other library's leftovers: torch's OpenMP
+    workers keep spinning for 4-8 ms after its last call (measured here), and a call that starts
+    then shares the second core with them. Taking turns call by call would charge that to
+    whichever library runs next; sleeping it out instead lets the idle virtual CPUs halt, and the
+    next call pays for waking them.
     """
     times = [[] for _ in fns]
     for _ in range(repeat):
         for fn, t in zip(fns, times):
+            start = time.perf_counter()
             fn()
+            while time.perf_counter() - start < settle_s:
+                fn()
             for _ in range(burst):
                 start = time.perf_counter()
                 fn()

@@ -15,27 +15,38 @@ group norm     ``(1, N*G, C/G*sp)``    (sample, group)
 
 Numerics. Statistics accumulate in float32 (float64 for float64 input), as a *corrected
 two-pass* computation fused into one pass over memory: each group gets a provisional centre
-``m0`` (the mean of a first block of its data), then the sums of ``d = x - m0`` and ``d * d``
-give the correction ``c = mean(d)`` and the variance ``mean(d*d) - c*c``. ``d`` is exact in
-floating point when ``x`` is near ``m0`` (Sterbenz), so a float32 input with mean 1e4 and std
-1e-2 keeps all its significant bits, and ``c*c`` is small next to ``mean(d*d)`` because ``m0`` is
-already a mean — this is not the cancelling ``E[x^2] - E[x]^2``. For a constant group ``d`` is
-one repeated value, every sum is exact, and the variance is exactly 0.
+``m0``, then the sums of ``d = x - m0`` and ``d * d`` give the correction ``c = mean(d)`` and the
+variance ``mean(d*d) - c*c``. The subtraction loses nothing unless ``c*c`` is large next to
+``mean(d*d)``, i.e. unless ``m0`` is many standard deviations from the mean, so ``m0`` is chosen
+to keep ``|c|`` within ``_ZERO_CENTER_LIMIT`` standard deviations, and that is checked on the
+final sums (at most 1 bit lost, of float32's 24): never the unchecked ``E[x^2] - E[x]^2``.
+
+- ``m0 = 0`` where the data's own mean is that close to 0 (the usual case for activations):
+  the blocks are then summed as they are, with no centred copy written.
+- Otherwise ``m0`` is a mean of the data (of a first block of it; after a failed check, the
+  mean just found). ``d`` is exact in floating point when ``x`` is near ``m0`` (Sterbenz), so a
+  float32 input with mean 1e4 and std 1e-2 keeps all its significant bits. For a constant group
+  ``d`` is one repeated value, every sum is exact, and the variance is exactly 0.
 
 The normalize step computes ``(x - m0) * scale + shift`` with ``shift = bias - c * scale``:
 subtracting the centre first keeps large-mean inputs exact. Where ``|m0 * scale|`` is small
 everywhere the centre is folded into the shift, ``x * scale + (shift - m0 * scale)``, one
 operation fewer at a rounding cost below 1e-6.
 
-Speed. Both passes and the normalize step work on blocks of about 256K elements (1 MiB of float32,
-cache-sized) so temporaries never round-trip through DRAM; per-group sums are matrix-vector
-products with a ones vector (BLAS); blocks run on a small thread pool (NumPy and
-torch release the GIL inside their kernels). Blocks are combined in a fixed order, so results
-do not depend on thread timing.
+Speed. The statistics and the normalize step work on blocks of about 256K elements (1 MiB of
+float32, cache-sized), so a block's second operation finds it in cache; per-group sums are
+matrix-vector products with a ones vector (BLAS, each call small enough to stay on one thread),
+sums of squares dot products (NumPy's ``einsum`` on ``(N, C)``: no squared copy). Batch norm on
+``(N, C)`` lays rows side by side (a working view ``(N / k, k * C)``) so NumPy's inner loops run
+over thousands of elements instead of restarting every ``C``. Outputs and scratch blocks start
+on a cache line. Large arrays split their blocks into one contiguous run per thread of a small
+pool (NumPy and torch release the GIL inside their kernels); runs are combined in block order,
+so results do not depend on thread timing.
 """
 from __future__ import annotations
 
 import contextvars
+import functools
 import math
 import os
 import threading
@@ -53,14 +64,22 @@ _BLOCK_ELEMENTS = 1 << 18
 # on 2 cores, threads won on (256, 256, 14, 14) and (32, 64, 56, 56) and lost on 1-5M elements,
 # where GIL hand-offs and BLAS threads inside the pool's threads ate the gain.
 _PARALLEL_MIN_ELEMENTS = 1 << 22
+# Rows batch norm decides its centre from when the pool takes large blocks (64 KiB of float32).
+_PROBE_ELEMENTS = 1 << 14
+# Blocks per thread when the pool shares the work (see _block_elements), and the largest block
+# (8 MiB of float32).
+_BLOCKS_PER_WORKER = 2
+_THREADED_BLOCK_MAX = 1 << 21
+# Largest matrix-vector product handed to BLAS in one call (OpenBLAS stays on one thread below it).
+_BLAS_MAX_ELEMENTS = 1 << 18
 # Batch norm on (N, C) lays rows side by side up to this many elements per row of its working view.
 _ROW_ELEMENTS = 8192
 # Rows shorter than this are reduced with an elementwise square rather than a dot product.
 _VECDOT_MIN_LENGTH = 32
 # moments sums around centre 0 (no centred copy of the data) when every group's |mean| is at most
-# this many standard deviations: the variance then loses at most log2(1 + limit**2) ~ 2.3 bits to
-# cancellation, against the ~24 of float32 accumulation.
-_ZERO_CENTER_LIMIT = 2.0
+# this many standard deviations: cancellation then costs the variance at most log2(1 + limit**2)
+# = 1 bit, against the ~24 of float32 accumulation.
+_ZERO_CENTER_LIMIT = 1.0
 # normalize folds the centre into the shift when |center * scale| stays below this everywhere:
 # the folded form's rounding error is then below 1e-6 of the output's scale.
 _FOLD_LIMIT = 4.0
@@ -131,49 +150,73 @@ class Moments:
     var: object
     count: int
 
-    @property
+    @functools.cached_property
     def mean(self):
         xp = _dispatch.namespace(self.center)
         # With Inf in a group the centre is +-Inf and the correction NaN; the mean is the centre then.
         return xp.where(xp.isfinite(self.center), self.center + self.offset, self.center)
 
 
-def _blocks(shape):
-    """Slices ``(a0, a1, c0, c1)`` that tile a ``(A, C, L)`` array in blocks of ~_BLOCK_ELEMENTS.
+def _blocks(shape, block_elements: int | None = None):
+    """Slices ``(a0, a1, c0, c1)`` that tile a ``(A, C, L)`` array in blocks of ~``block_elements``
+    (default ``_BLOCK_ELEMENTS``).
 
     A block holds whole rows of axis 2: several entries of axis 0 when one ``(C, L)`` slice is
     small, else one entry of axis 0 and as many groups of axis 1 as fit.
     """
+    size = block_elements or _BLOCK_ELEMENTS
     a, c, l = shape
-    c_step = max(1, _BLOCK_ELEMENTS // max(1, l))
-    a_step = max(1, _BLOCK_ELEMENTS // max(1, c * l)) if c_step >= c else 1
+    c_step = max(1, size // max(1, l))
+    a_step = max(1, size // max(1, c * l)) if c_step >= c else 1
     return [(i, min(a, i + a_step), j, min(c, j + c_step))
             for i in range(0, a, a_step) for j in range(0, c, c_step)]
 
 
+def _threaded(elements: int) -> bool:
+    """Whether an array of ``elements`` elements is worth the thread pool."""
+    return _WORKERS > 1 and elements >= _PARALLEL_MIN_ELEMENTS
+
+
+def _block_elements(elements: int) -> int:
+    """Block size for an array of ``elements`` elements.
+
+    Alone, a thread works through cache-sized blocks. Sharing the work, threads take larger
+    blocks (about ``_BLOCKS_PER_WORKER`` each): every NumPy call ends by taking the GIL back, and
+    on a virtual machine a thread woken for it can lose the race to the other thread's next call
+    for milliseconds, so fewer, longer calls keep both threads running (measured on 2 vCPUs,
+    (4096, 512): 2.3 ms in 1 MiB blocks on one or two threads, 1.4 ms in large blocks on two).
+    """
+    if not _threaded(elements):
+        return _BLOCK_ELEMENTS
+    return max(_BLOCK_ELEMENTS, min(_THREADED_BLOCK_MAX, -(-elements // (_WORKERS * _BLOCKS_PER_WORKER))))
+
+
 def _map_blocks(fn, blocks, elements: int):
-    """``[fn(block) for block in blocks]``, split across the thread pool when the array (of
+    """``[fn(block) for block in blocks]``, shared with the thread pool when the array (of
     ``elements`` elements) is large.
 
-    Each worker takes one contiguous run of blocks (one task per worker, not per block: a task
-    per block cost more in hand-offs than it saved), the calling thread the first run, so a
-    thread streams through neighbouring memory and the results come back in block order
-    whatever the timing.
-    Each task runs in a copy of the caller's context, so settings such as NumPy's ``errstate``
-    apply in the pool's threads too.
+    The calling thread and the pool's threads take the next block from one queue until none is
+    left, so a thread that starts late (a pool thread may first have to be woken, tens of
+    microseconds on a virtual machine) simply takes fewer blocks; results are stored by block
+    index, so they come back in block order whatever the timing. Pool tasks run in a copy of the
+    caller's context, so settings such as NumPy's ``errstate`` apply in the pool's threads too.
     """
-    workers = min(len(blocks), _WORKERS) if elements >= _PARALLEL_MIN_ELEMENTS else 1
+    workers = min(len(blocks), _WORKERS) if _threaded(elements) else 1
     if workers <= 1:
         return [fn(b) for b in blocks]
-    runs = [blocks[k * len(blocks) // workers:(k + 1) * len(blocks) // workers] for k in range(workers)]
-    contexts = [contextvars.copy_context() for _ in runs[1:]]  # taken here, in the caller's thread
-    pending = [_executor().submit(ctx.run, lambda run=run: [fn(b) for b in run])
-               for ctx, run in zip(contexts, runs[1:])]
-    # The caller takes the first run itself: its thread is already running, a pool thread may
-    # first have to be woken.
-    results = [fn(b) for b in runs[0]]
-    for future in pending:
-        results.extend(future.result())
+    results = [None] * len(blocks)
+    queue = iter(enumerate(blocks))  # next() on it is atomic: it runs in C, under the GIL
+
+    def work():
+        for i, bounds in queue:
+            results[i] = fn(bounds)
+
+    pending = [_executor().submit(contextvars.copy_context().run, work) for _ in range(workers - 1)]
+    try:
+        work()
+    finally:
+        for future in pending:
+            future.result()
     return results
 
 
@@ -208,7 +251,7 @@ class _Grouped:
         self.x = self.xp.reshape(x3, self.grid[:2]) if self.flat else x3
         self.acc = accumulation_dtype(self.xp, x3.dtype)
         self.in_acc = x3.dtype == self.acc
-        self.blocks = _blocks(self.grid)
+        self.blocks = _blocks(self.grid, _block_elements(math.prod(self.grid)))
 
     def map(self, fn):
         """``[fn(bounds) for bounds in self.blocks]``, on the thread pool when the array is large."""
@@ -245,7 +288,16 @@ class _Grouped:
         ones, which runs in BLAS at several times the speed of ``sum`` over these axes."""
         xp = self.xp
         if self.flat:
-            return xp.matmul(_ones(xp, d.shape[0], d.dtype, d), d)
+            # Calls over _BLAS_MAX_ELEMENTS go to OpenBLAS's threads, which then spin for ~0.1 s
+            # on the core the pool's other thread needs: sum in row chunks under that size.
+            n = d.shape[0]
+            rows = max(1, _BLAS_MAX_ELEMENTS // max(1, d.shape[1]))
+            total = None
+            for i in range(0, n, rows):
+                chunk = d[i:min(n, i + rows), ...]
+                part = xp.matmul(_ones(xp, chunk.shape[0], d.dtype, d), chunk)
+                total = part if total is None else total + part
+            return total
         return xp.sum(xp.matmul(d, _ones(xp, d.shape[2], d.dtype, d)), axis=0)
 
     def group_sums_of_squares(self, d, overwrite: bool = False):
@@ -282,8 +334,14 @@ class _Grouped:
         ``combine[i]`` says whether result ``i`` is a sum over blocks (added in block order, so
         the result does not depend on thread timing) or the same value from every block.
         """
+        per_block = self.map(fn)
+        if all(c0 == 0 and c1 == self.grid[1] for _, _, c0, c1 in self.blocks):  # row blocks
+            totals = list(per_block[0])
+            for results in per_block[1:]:
+                totals = [t + r if add else t for t, add, r in zip(totals, combine, results)]
+            return totals
         totals = [self.xp.zeros((self.grid[1],), dtype=self.acc) for _ in combine]
-        for (_, _, c0, c1), results in zip(self.blocks, self.map(fn)):
+        for (_, _, c0, c1), results in zip(self.blocks, per_block):
             for total, add, r in zip(totals, combine, results):
                 total[c0:c1] = total[c0:c1] + r if add else r
         return totals
@@ -336,7 +394,11 @@ def moments(x3) -> Moments:
         offset, var = _mean_var(dsum, dsq, count, zeros)
         return Moments(center=center, offset=offset, var=var, count=count)
 
-    probe = (0, g.blocks[0][1], 0, g.grid[1])  # the first rows, every group
+    # The first rows, every group: the first block when one thread works through cache-sized
+    # blocks (its sums are reused), a smaller sample when the pool's threads take large blocks
+    # (deciding holds up both threads).
+    probe_size = _PROBE_ELEMENTS if _threaded(math.prod(g.grid)) else _BLOCK_ELEMENTS
+    probe = (0, _blocks(g.grid, probe_size)[0][1], 0, g.grid[1])
     probe_sums = g.raw_sums(probe)
     n = probe[1] * g.tiles * l
     center, probe_var = _mean_var(g.fold(probe_sums[0]), g.fold(probe_sums[1]), n, zeros)
