@@ -60,10 +60,10 @@ from . import _dispatch
 # Elements per block (1 MiB of float32): small enough that a block's temporaries stay in L2,
 # large enough that Python's per-operation overhead is small.
 _BLOCK_ELEMENTS = 1 << 18
-# Below this many elements (16 MiB of float32) the thread pool costs more than it saves: measured
-# on 2 cores, threads won on (256, 256, 14, 14) and (32, 64, 56, 56) and lost on 1-5M elements,
-# where GIL hand-offs and BLAS threads inside the pool's threads ate the gain.
-_PARALLEL_MIN_ELEMENTS = 1 << 22
+# From this many elements (8 MiB of float32) the thread pool pays: on 2 vCPUs, (4096, 512) took
+# 0.8 + 0.9 ms on two threads against 1.3 + 1.3 ms on one (normalize + statistics); at 1.2M
+# elements, (8, 3, 224, 224), waking the pool's thread cost about what it saved.
+_PARALLEL_MIN_ELEMENTS = 1 << 21
 # Rows batch norm decides its centre from when the pool takes large blocks (64 KiB of float32).
 _PROBE_ELEMENTS = 1 << 14
 # Blocks per thread when the pool shares the work (see _block_elements), and the largest block
@@ -149,9 +149,13 @@ class Moments:
     offset: object
     var: object
     count: int
+    #: False when every group's centre is 0 (the sums were taken around 0): ``offset`` is the mean.
+    centred: bool = True
 
     @functools.cached_property
     def mean(self):
+        if not self.centred:
+            return self.offset
         xp = _dispatch.namespace(self.center)
         # With Inf in a group the centre is +-Inf and the correction NaN; the mean is the centre then.
         return xp.where(xp.isfinite(self.center), self.center + self.offset, self.center)
@@ -273,6 +277,14 @@ class _Grouped:
         b = self.x[a0:a1, c0:c1, ...]
         return b if self.in_acc else self.xp.astype(b, self.acc)
 
+    def pieces(self, bounds):
+        """``bounds`` split along axis 0 into pieces of about ``_BLOCK_ELEMENTS`` elements."""
+        a0, a1, c0, c1 = bounds
+        rows = max(1, _BLOCK_ELEMENTS // ((c1 - c0) * self.grid[2]))
+        if rows >= a1 - a0:
+            return [bounds]
+        return [(i, min(a1, i + rows), c0, c1) for i in range(a0, a1, rows)]
+
     def block_shape(self, bounds):
         """Shape of the block at ``bounds``."""
         a0, a1, c0, c1 = bounds
@@ -316,17 +328,31 @@ class _Grouped:
 
     def raw_sums(self, bounds):
         """``(sum(x), sum(x * x))`` per group of the block at ``bounds``: the sums around centre 0,
-        taken without writing a centred copy of the block."""
-        x = self.block(bounds)
-        return self.group_sums(x), self.group_sums_of_squares(x)
+        taken without writing a centred copy of the block (in cache-sized pieces)."""
+        def piece_sums(piece):
+            x = self.block(piece)
+            return self.group_sums(x), self.group_sums_of_squares(x)
+        return self._add_pieces(bounds, piece_sums)
 
     def centred_sums(self, bounds, center):
         """``(sum(d), sum(d * d))`` per group of the block at ``bounds``, ``d = x - center`` with
         ``center`` the block's own groups' centres (shape ``(c1-c0,)``)."""
         xp = self.xp
-        d = _scratch(xp, self.block_shape(bounds), self.acc, self.x)
-        _dispatch.binary_into(xp.subtract, self.block(bounds), center if self.flat else center[:, None], d)
-        return self.group_sums(d), self.group_sums_of_squares(d, overwrite=True)
+        center = center if self.flat else center[:, None]
+
+        def piece_sums(piece):
+            d = _scratch(xp, self.block_shape(piece), self.acc, self.x)
+            _dispatch.binary_into(xp.subtract, self.block(piece), center, d)
+            return self.group_sums(d), self.group_sums_of_squares(d, overwrite=True)
+        return self._add_pieces(bounds, piece_sums)
+
+    def _add_pieces(self, bounds, piece_sums):
+        """Per-group ``piece_sums`` of the block at ``bounds``, added over its pieces in order."""
+        totals = None
+        for piece in self.pieces(bounds):
+            sums = piece_sums(piece)
+            totals = sums if totals is None else tuple(t + s for t, s in zip(totals, sums))
+        return totals
 
     def sums(self, fn, combine):
         """Per-group results of ``fn(bounds) -> tuple of (c1-c0,) arrays`` over all blocks.
@@ -398,7 +424,7 @@ def moments(x3) -> Moments:
     # blocks (its sums are reused), a smaller sample when the pool's threads take large blocks
     # (deciding holds up both threads).
     probe_size = _PROBE_ELEMENTS if _threaded(math.prod(g.grid)) else _BLOCK_ELEMENTS
-    probe = (0, _blocks(g.grid, probe_size)[0][1], 0, g.grid[1])
+    probe = (0, min(g.grid[0], max(1, probe_size // (g.grid[1] * l))), 0, g.grid[1])
     probe_sums = g.raw_sums(probe)
     n = probe[1] * g.tiles * l
     center, probe_var = _mean_var(g.fold(probe_sums[0]), g.fold(probe_sums[1]), n, zeros)
@@ -407,7 +433,7 @@ def moments(x3) -> Moments:
         totals = g.sums(lambda bounds: probe_sums if bounds == probe else g.raw_sums(bounds), combine=(True, True))
         offset, var = _mean_var(g.fold(totals[0]), g.fold(totals[1]), count, zeros)
         if _zero_centre_serves(offset, var):
-            return Moments(center=zeros, offset=offset, var=var, count=count)
+            return Moments(center=zeros, offset=offset, var=var, count=count, centred=False)
         # The first rows were not representative: sum again around the mean just found (within
         # float32 rounding of the true mean, which is all a centre needs).
         center = offset
@@ -433,7 +459,7 @@ def inverse_std(var, eps, zero_for_zero_var: bool):
 def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
     """``y = ((x - center) * scale + shift) * col_scale + col_shift`` over a ``(A, C, L)`` view.
 
-    ``center``, ``scale``, ``shift`` have shape ``(C,)`` (one value per group of axis 1);
+    ``center`` (None for 0), ``scale``, ``shift`` have shape ``(C,)`` (one value per group of axis 1);
     ``col_scale`` / ``col_shift`` (layer norm's elementwise affine) have shape ``(L,)`` or are
     ``None``. Arithmetic runs in the accumulation dtype; the result has ``x3``'s dtype and shape.
     """
@@ -442,14 +468,20 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
     y = _dispatch.empty_aligned(xp, g.x.shape, x3.dtype, x3)
     # x * scale + (shift - center * scale) saves a pass but rounds at the size of center * scale:
     # take it only when that is small, so large-mean inputs keep the exact subtraction.
-    if bool(xp.all(xp.abs(center * scale) <= _FOLD_LIMIT)):
+    if center is not None and bool(xp.all(xp.abs(center * scale) <= _FOLD_LIMIT)):
         shift = shift - center * scale
         center = None
-    else:
+    elif center is not None:
         center = g.tile(center)
     scale, shift = g.tile(scale), g.tile(shift)
 
     def block(bounds):
+        # A large block (the pool's) goes in cache-sized pieces, so that each piece's second
+        # operation finds it in cache.
+        for piece in g.pieces(bounds):
+            piece_of_block(piece)
+
+    def piece_of_block(bounds):
         a0, a1, c0, c1 = bounds
         out = y[a0:a1, c0:c1, ...]
         # Work in the output when it has the accumulation dtype, else in a scratch block.

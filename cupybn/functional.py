@@ -156,7 +156,7 @@ def _batch_norm_reference(x, stats: RunningStats | None, weight, bias, training:
     if training:
         m = _reference.moments(x3)
         invstd = _reference.inverse_std(m.var, eps, zero_for_zero_var=True)
-        center, offset = m.center, m.offset
+        center, offset = (m.center if m.centred else None), m.offset
     else:
         center = _param(stats.mean, x, acc)
         offset = None
