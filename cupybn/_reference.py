@@ -68,7 +68,7 @@ _PARALLEL_MIN_ELEMENTS = 1 << 21
 _PROBE_ELEMENTS = 1 << 14
 # Blocks per thread when the pool shares the work (see _block_elements), and the largest block
 # (8 MiB of float32).
-_BLOCKS_PER_WORKER = 2
+_BLOCKS_PER_WORKER = 4
 _THREADED_BLOCK_MAX = 1 << 21
 # Largest matrix-vector product handed to BLAS in one call (OpenBLAS stays on one thread below it).
 _BLAS_MAX_ELEMENTS = 1 << 18
@@ -354,23 +354,47 @@ class _Grouped:
             totals = sums if totals is None else tuple(t + s for t, s in zip(totals, sums))
         return totals
 
-    def sums(self, fn, combine):
-        """Per-group results of ``fn(bounds) -> tuple of (c1-c0,) arrays`` over all blocks.
+    def sums(self, fn, combine=None):
+        """Per-group results of ``fn(bounds) -> tuple of (c1-c0,) arrays`` over all blocks, folded
+        to the ``(C,)`` groups (see :meth:`fold`).
 
-        ``combine[i]`` says whether result ``i`` is a sum over blocks (added in block order, so
-        the result does not depend on thread timing) or the same value from every block.
+        ``combine[i]`` says whether result ``i`` is a sum over blocks (default: all are) or the
+        same value from every block. Sums are added in block order, so they do not depend on
+        thread timing.
         """
+        xp = self.xp
+        if combine is None and all(c0 == 0 and c1 == self.grid[1] for _, _, c0, c1 in self.blocks):
+            # Row blocks: every result covers every group. Each block stores its results in its
+            # own row of one array (in the thread that made them), and two matrix-vector
+            # products add them over the blocks and the side-by-side rows: a handful of small
+            # operations after the pool is done instead of dozens.
+            nb, width = len(self.blocks), self.grid[1]
+            index = {bounds: i for i, bounds in enumerate(self.blocks)}
+            store = None
+            made = threading.Lock()
+
+            def stored(bounds):
+                nonlocal store
+                results = fn(bounds)
+                with made:  # the first result tells how many sums there are
+                    if store is None:
+                        store = xp.empty((nb, len(results), width), dtype=self.acc,
+                                         device=array_api_compat.device(results[0]))
+                for j, r in enumerate(results):
+                    store[index[bounds], j, ...] = r
+                return len(results)
+
+            k = self.map(stored)[0]
+            total = xp.matmul(_ones(xp, nb, self.acc, store), xp.reshape(store, (nb, k * width)))
+            total = xp.matmul(_ones(xp, self.tiles, self.acc, store), xp.reshape(total, (k, self.tiles, self.shape[1])))
+            return [total[j, ...] for j in range(k)]
         per_block = self.map(fn)
-        if all(c0 == 0 and c1 == self.grid[1] for _, _, c0, c1 in self.blocks):  # row blocks
-            totals = list(per_block[0])
-            for results in per_block[1:]:
-                totals = [t + r if add else t for t, add, r in zip(totals, combine, results)]
-            return totals
-        totals = [self.xp.zeros((self.grid[1],), dtype=self.acc) for _ in combine]
+        combine = combine or (True,) * len(per_block[0])
+        totals = [xp.zeros((self.grid[1],), dtype=self.acc) for _ in combine]
         for (_, _, c0, c1), results in zip(self.blocks, per_block):
             for total, add, r in zip(totals, combine, results):
                 total[c0:c1] = total[c0:c1] + r if add else r
-        return totals
+        return [self.fold(t) if add else t for t, add in zip(totals, combine)]
 
 
 def _mean_var(sum1, sum2, count, zeros):
@@ -430,16 +454,16 @@ def moments(x3) -> Moments:
     center, probe_var = _mean_var(g.fold(probe_sums[0]), g.fold(probe_sums[1]), n, zeros)
     if _zero_centre_serves(center, probe_var):
         # the probe is usually the first block: its sums are not taken twice
-        totals = g.sums(lambda bounds: probe_sums if bounds == probe else g.raw_sums(bounds), combine=(True, True))
-        offset, var = _mean_var(g.fold(totals[0]), g.fold(totals[1]), count, zeros)
+        totals = g.sums(lambda bounds: probe_sums if bounds == probe else g.raw_sums(bounds))
+        offset, var = _mean_var(totals[0], totals[1], count, zeros)
         if _zero_centre_serves(offset, var):
             return Moments(center=zeros, offset=offset, var=var, count=count, centred=False)
         # The first rows were not representative: sum again around the mean just found (within
         # float32 rounding of the true mean, which is all a centre needs).
         center = offset
     tiled = g.tile(center)
-    totals = g.sums(lambda bounds: g.centred_sums(bounds, tiled[bounds[2]:bounds[3]]), combine=(True, True))
-    offset, var = _mean_var(g.fold(totals[0]), g.fold(totals[1]), count, zeros)
+    totals = g.sums(lambda bounds: g.centred_sums(bounds, tiled[bounds[2]:bounds[3]]))
+    offset, var = _mean_var(totals[0], totals[1], count, zeros)
     return Moments(center=center, offset=offset, var=var, count=count)
 
 
