@@ -195,7 +195,7 @@ def _block_elements(elements: int) -> int:
     return max(_BLOCK_ELEMENTS, min(_THREADED_BLOCK_MAX, -(-elements // (_WORKERS * _BLOCKS_PER_WORKER))))
 
 
-def _map_blocks(fn, blocks, elements: int):
+def _map_blocks(fn, blocks, elements: int, first=None):
     """``[fn(block) for block in blocks]``, shared with the thread pool when the array (of
     ``elements`` elements) is large.
 
@@ -204,9 +204,14 @@ def _map_blocks(fn, blocks, elements: int):
     microseconds on a virtual machine) simply takes fewer blocks; results are stored by block
     index, so they come back in block order whatever the timing. Pool tasks run in a copy of the
     caller's context, so settings such as NumPy's ``errstate`` apply in the pool's threads too.
+
+    ``first()``, when given, runs in the calling thread before it takes blocks (the pool has
+    started already); if it returns False no further block is started and the result is None.
     """
     workers = min(len(blocks), _WORKERS) if _threaded(elements) else 1
     if workers <= 1:
+        if first is not None and not first():
+            return None
         return [fn(b) for b in blocks]
     results = [None] * len(blocks)
     queue = iter(enumerate(blocks))  # next() on it is atomic: it runs in C, under the GIL
@@ -217,6 +222,10 @@ def _map_blocks(fn, blocks, elements: int):
 
     pending = [_executor().submit(contextvars.copy_context().run, work) for _ in range(workers - 1)]
     try:
+        if first is not None and not first():
+            for _ in queue:  # empty the queue: the pool's threads finish their current block
+                pass
+            return None
         work()
     finally:
         for future in pending:
@@ -257,9 +266,10 @@ class _Grouped:
         self.in_acc = x3.dtype == self.acc
         self.blocks = _blocks(self.grid, _block_elements(math.prod(self.grid)))
 
-    def map(self, fn):
-        """``[fn(bounds) for bounds in self.blocks]``, on the thread pool when the array is large."""
-        return _map_blocks(fn, self.blocks, math.prod(self.grid))
+    def map(self, fn, first=None):
+        """``[fn(bounds) for bounds in self.blocks]``, on the thread pool when the array is large
+        (``first``: see :func:`_map_blocks`)."""
+        return _map_blocks(fn, self.blocks, math.prod(self.grid), first)
 
     def fold(self, v):
         """Per-group sums of the working view, ``(tiles * C,)``, folded to the ``(C,)`` groups."""
@@ -354,9 +364,10 @@ class _Grouped:
             totals = sums if totals is None else tuple(t + s for t, s in zip(totals, sums))
         return totals
 
-    def sums(self, fn, combine=None):
+    def sums(self, fn, combine=None, first=None):
         """Per-group results of ``fn(bounds) -> tuple of (c1-c0,) arrays`` over all blocks, folded
-        to the ``(C,)`` groups (see :meth:`fold`).
+        to the ``(C,)`` groups (see :meth:`fold`); None when ``first()`` (see :func:`_map_blocks`)
+        says to stop.
 
         ``combine[i]`` says whether result ``i`` is a sum over blocks (default: all are) or the
         same value from every block. Sums are added in block order, so they do not depend on
@@ -384,11 +395,16 @@ class _Grouped:
                     store[index[bounds], j, ...] = r
                 return len(results)
 
-            k = self.map(stored)[0]
+            counts = self.map(stored, first)
+            if counts is None:
+                return None
+            k = counts[0]
             total = xp.matmul(_ones(xp, nb, self.acc, store), xp.reshape(store, (nb, k * width)))
             total = xp.matmul(_ones(xp, self.tiles, self.acc, store), xp.reshape(total, (k, self.tiles, self.shape[1])))
             return [total[j, ...] for j in range(k)]
-        per_block = self.map(fn)
+        per_block = self.map(fn, first)
+        if per_block is None:
+            return None
         combine = combine or (True,) * len(per_block[0])
         totals = [xp.zeros((self.grid[1],), dtype=self.acc) for _ in combine]
         for (_, _, c0, c1), results in zip(self.blocks, per_block):
@@ -444,17 +460,26 @@ def moments(x3) -> Moments:
         offset, var = _mean_var(dsum, dsq, count, zeros)
         return Moments(center=center, offset=offset, var=var, count=count)
 
-    # The first rows, every group: the first block when one thread works through cache-sized
-    # blocks (its sums are reused), a smaller sample when the pool's threads take large blocks
-    # (deciding holds up both threads).
+    # The centre is decided from the first rows of every group: the first block when one thread
+    # works through cache-sized blocks (its sums are then reused), a smaller sample when the pool
+    # shares the work -- decided in the calling thread while the pool's threads already sum
+    # blocks around 0 (their work is dropped when the sample says to centre).
     probe_size = _PROBE_ELEMENTS if _threaded(math.prod(g.grid)) else _BLOCK_ELEMENTS
     probe = (0, min(g.grid[0], max(1, probe_size // (g.grid[1] * l))), 0, g.grid[1])
-    probe_sums = g.raw_sums(probe)
-    n = probe[1] * g.tiles * l
-    center, probe_var = _mean_var(g.fold(probe_sums[0]), g.fold(probe_sums[1]), n, zeros)
-    if _zero_centre_serves(center, probe_var):
-        # the probe is usually the first block: its sums are not taken twice
-        totals = g.sums(lambda bounds: probe_sums if bounds == probe else g.raw_sums(bounds))
+    decided = {}
+
+    def around_zero() -> bool:
+        decided["sums"] = g.raw_sums(probe)
+        n = probe[1] * g.tiles * l
+        decided["center"], probe_var = _mean_var(*(g.fold(t) for t in decided["sums"]), n, zeros)
+        return _zero_centre_serves(decided["center"], probe_var)
+
+    def block_sums(bounds):
+        return decided["sums"] if bounds == probe and "sums" in decided else g.raw_sums(bounds)
+
+    totals = g.sums(block_sums, first=around_zero)
+    center = decided["center"]
+    if totals is not None:
         offset, var = _mean_var(totals[0], totals[1], count, zeros)
         if _zero_centre_serves(offset, var):
             return Moments(center=zeros, offset=offset, var=var, count=count, centred=False)

@@ -39,7 +39,7 @@ def _check(m, x64, dtype, seed, what):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(64, 5, 7), (300, 4, 1), (2, 3, 1000)], ids=str)
-def test_centred_data_is_summed_around_zero(backend, dtype, shape, rng, seed):
+def test_centred_data_is_summed_around_zero(backend, dtype, shape, rng, seed, threads):
     """Means within a standard deviation of 0: no centred copy is made (centre 0 everywhere)."""
     require(backend, dtype)
     x64 = round_to(rng.standard_normal(shape) + rng.uniform(-0.5, 0.5, size=(1, shape[1], 1)), dtype)
@@ -48,10 +48,19 @@ def test_centred_data_is_summed_around_zero(backend, dtype, shape, rng, seed):
     _check(m, x64, dtype, seed, "near 0")
 
 
+@pytest.fixture(params=[False, True], ids=["serial", "threads"])
+def threads(request, monkeypatch):
+    """Run on one thread, or share every array's blocks with the pool (small blocks forced)."""
+    if request.param:
+        monkeypatch.setattr(_reference, "_PARALLEL_MIN_ELEMENTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(64, 5, 7), (300, 4, 1), (2, 3, 1000)], ids=str)
-def test_far_from_zero_data_is_centred(backend, dtype, shape, rng, seed):
-    """Mean 1e4, std 1e-2: summed around a mean of the data, and as accurate as the oracle allows."""
+def test_far_from_zero_data_is_centred(backend, dtype, shape, rng, seed, threads):
+    """Mean 1e4, std 1e-2: summed around a mean of the data, and as accurate as the oracle allows
+    (with the pool, its sums around 0 are dropped once the first rows show the data is far off)."""
     require(backend, dtype)
     x64 = round_to(1e4 + 1e-2 * rng.standard_normal(shape), dtype)
     m = _moments(backend, x64, dtype)
@@ -64,12 +73,13 @@ def test_far_from_zero_data_is_centred(backend, dtype, shape, rng, seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_unrepresentative_first_rows_sum_again_around_the_mean(backend, dtype, rng, seed, monkeypatch):
+def test_unrepresentative_first_rows_sum_again_around_the_mean(backend, dtype, rng, seed, monkeypatch, threads):
     """Batch norm decides from the first rows: here they sit at 0 and the rest at 1e3, so the sums
     around 0 fail the check on the totals and the statistics are taken again around the mean that
     pass found."""
     require(backend, dtype)
     monkeypatch.setattr(_reference, "_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(_reference, "_PROBE_ELEMENTS", 64)  # the first 10 rows, with the pool too
     x64 = rng.standard_normal((400, 3, 2))
     x64[40:] += 1e3
     x64 = round_to(x64, dtype)
@@ -81,11 +91,12 @@ def test_unrepresentative_first_rows_sum_again_around_the_mean(backend, dtype, r
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_first_rows_far_from_zero_centre_every_block(backend, dtype, rng, seed, monkeypatch):
+def test_first_rows_far_from_zero_centre_every_block(backend, dtype, rng, seed, monkeypatch, threads):
     """First rows at 1e3 (and all others too): no pass around 0 is tried, the first rows' mean is
     the centre."""
     require(backend, dtype)
     monkeypatch.setattr(_reference, "_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(_reference, "_PROBE_ELEMENTS", 64)  # the first 10 rows, with the pool too
     x64 = round_to(1e3 + rng.standard_normal((400, 3, 2)), dtype)
     m = _moments(backend, x64, dtype)
     first = x64[:10].mean(axis=(0, 2))
