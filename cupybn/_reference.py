@@ -188,7 +188,8 @@ def _block_elements(elements: int) -> int:
     blocks (about ``_BLOCKS_PER_WORKER`` each): every NumPy call ends by taking the GIL back, and
     on a virtual machine a thread woken for it can lose the race to the other thread's next call
     for milliseconds, so fewer, longer calls keep both threads running (measured on 2 vCPUs,
-    (4096, 512): 2.3 ms in 1 MiB blocks on one or two threads, 1.4 ms in large blocks on two).
+    (4096, 512): about 2.3 ms in 1 MiB blocks on one or two threads, 1.5 ms in 1M-element blocks
+    split into cache-sized pieces on two).
     """
     if not _threaded(elements):
         return _BLOCK_ELEMENTS
@@ -221,16 +222,17 @@ def _map_blocks(fn, blocks, elements: int, first=None):
             results[i] = fn(bounds)
 
     pending = [_executor().submit(contextvars.copy_context().run, work) for _ in range(workers - 1)]
+    go = False
     try:
-        if first is not None and not first():
-            for _ in queue:  # empty the queue: the pool's threads finish their current block
-                pass
-            return None
-        work()
+        go = first is None or first()
+        if go:
+            work()
     finally:
+        for _ in queue:  # after a stop or an error: the pool's threads finish their current block
+            pass
         for future in pending:
             future.result()
-    return results
+    return results if go else None
 
 
 def _row_tiles(a: int, c: int) -> int:
@@ -374,12 +376,13 @@ class _Grouped:
         thread timing.
         """
         xp = self.xp
-        if combine is None and all(c0 == 0 and c1 == self.grid[1] for _, _, c0, c1 in self.blocks):
+        nb, width = len(self.blocks), self.grid[1]
+        if (combine is None and 2 * nb * width <= _BLAS_MAX_ELEMENTS
+                and all(c0 == 0 and c1 == width for _, _, c0, c1 in self.blocks)):
             # Row blocks: every result covers every group. Each block stores its results in its
-            # own row of one array (in the thread that made them), and two matrix-vector
+            # own row of one small array (in the thread that made them), and two matrix-vector
             # products add them over the blocks and the side-by-side rows: a handful of small
             # operations after the pool is done instead of dozens.
-            nb, width = len(self.blocks), self.grid[1]
             index = {bounds: i for i, bounds in enumerate(self.blocks)}
             store = None
             made = threading.Lock()
@@ -517,11 +520,12 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
     y = _dispatch.empty_aligned(xp, g.x.shape, x3.dtype, x3)
     # x * scale + (shift - center * scale) saves a pass but rounds at the size of center * scale:
     # take it only when that is small, so large-mean inputs keep the exact subtraction.
-    if center is not None and bool(xp.all(xp.abs(center * scale) <= _FOLD_LIMIT)):
-        shift = shift - center * scale
-        center = None
-    elif center is not None:
-        center = g.tile(center)
+    if center is not None:
+        if bool(xp.all(xp.abs(center * scale) <= _FOLD_LIMIT)):
+            shift = shift - center * scale
+            center = None
+        else:
+            center = g.tile(center)
     scale, shift = g.tile(scale), g.tile(shift)
 
     def block(bounds):
