@@ -2,8 +2,8 @@
 
 BatchNorm training forward, float32, on the shapes of issue 2. Both run in the same process on
 the same data, taking turns (a few calls each, see ``median_ms``) so that a busy machine slows
-both alike; each time is the median of ``3 * --repeat`` calls. torch uses its default intra-op threads, cupybn
-its block thread pool. The last line printed is ``worst ratio cupybn/torch: X.XX``.
+both alike; each time is the median of ``3 * --repeat`` calls. torch uses its default intra-op
+threads, cupybn its block thread pool. The last line printed is ``worst ratio cupybn/torch: X.XX``.
 
     python bench/cpu.py [--repeat 15]
 """

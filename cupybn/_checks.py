@@ -9,9 +9,7 @@ from __future__ import annotations
 from . import _dispatch
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
-
-
-_NAMES: dict = {}
+_NAMES: dict = {}  # (type(dtype), dtype) -> name, see dtype_name
 
 
 def dtype_name(dtype) -> str:

@@ -14,6 +14,8 @@ The math never branches on the framework: it calls ``xp.<function>`` on the name
 """
 from __future__ import annotations
 
+import math
+
 import array_api_compat
 
 # DLPack device types (dlpack.h, DLDeviceType).
@@ -168,19 +170,16 @@ def empty_aligned(xp, shape, dtype, like):
     """``xp.empty(shape)`` on ``like``'s device, its data starting on a 64-byte boundary.
 
     NumPy takes large arrays from ``malloc``, whose blocks start 16 bytes past a page boundary, so
-    every SIMD store of a loop that writes one would straddle two cache lines; where the array
-    shows its address (``__array_interface__``) a slightly larger buffer is sliced to the boundary.
-    Other frameworks (torch aligns its own) get ``xp.empty`` as it is.
+    every SIMD store of a loop that writes one would straddle two cache lines: for NumPy a
+    slightly larger buffer is sliced to the boundary. Other frameworks (torch aligns its own)
+    get ``xp.empty`` as it is.
     """
     device = array_api_compat.device(like)
-    size = 1
-    for n in shape:
-        size *= n
-    buf = xp.empty((size + _ALIGNMENT,), dtype=dtype, device=device)
-    interface = getattr(buf, "__array_interface__", None)
-    if interface is None:
+    if not array_api_compat.is_numpy_namespace(xp):
         return xp.empty(shape, dtype=dtype, device=device)
-    start = (-interface["data"][0] % _ALIGNMENT) // buf.itemsize
+    size = math.prod(shape)
+    buf = xp.empty((size + _ALIGNMENT,), dtype=dtype, device=device)
+    start = (-buf.__array_interface__["data"][0] % _ALIGNMENT) // buf.itemsize
     return xp.reshape(buf[start:start + size], shape)
 
 

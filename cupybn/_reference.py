@@ -39,9 +39,10 @@ matrix-vector products with a ones vector (BLAS, each call small enough to stay 
 sums of squares dot products (NumPy's ``einsum`` on ``(N, C)``: no squared copy). Batch norm on
 ``(N, C)`` lays rows side by side (a working view ``(N / k, k * C)``) so NumPy's inner loops run
 over thousands of elements instead of restarting every ``C``. Outputs and scratch blocks start
-on a cache line. Large arrays split their blocks into one contiguous run per thread of a small
-pool (NumPy and torch release the GIL inside their kernels); runs are combined in block order,
-so results do not depend on thread timing.
+on a cache line. From 2M elements the calling thread and a small pool (NumPy and torch release
+the GIL inside their kernels) take larger blocks from one queue, each worked through in
+cache-sized pieces; per-block results are combined in block order, so results do not depend on
+thread timing.
 """
 from __future__ import annotations
 
@@ -103,9 +104,8 @@ _local = threading.local()
 def _cached(key, make):
     """A per-thread array cached under ``key`` (made by ``make()`` on first use).
 
-    Arrays of the exact shape are kept: slices of one larger buffer measured up to 30% slower in
-    the pool's threads. Few shapes occur per call (the block shapes); the cache is emptied when
-    it grows past a handful of entries so it never holds more than a few blocks of memory.
+    Few shapes occur per call (the block and piece shapes); the cache is emptied when it grows
+    past a handful of entries, so it never holds more than a few blocks of memory.
     """
     cache = _local.__dict__.setdefault("cache", {})
     arr = cache.get(key)
