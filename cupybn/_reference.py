@@ -432,6 +432,14 @@ def _zero_centre_serves(mean, var) -> bool:
     return bool(xp.all(mean * mean <= (_ZERO_CENTER_LIMIT ** 2) * var))
 
 
+def _centre_far_off(offset, var) -> bool:
+    """Whether a finite group's mean lies more than ``_ZERO_CENTER_LIMIT`` standard deviations
+    from the centre it was summed around (groups holding NaN or Inf are left as they are)."""
+    xp = _dispatch.namespace(offset)
+    far = offset * offset > (_ZERO_CENTER_LIMIT ** 2) * var
+    return bool(xp.any(far & xp.isfinite(offset) & xp.isfinite(var)))
+
+
 def moments(x3) -> Moments:
     """Mean and biased variance over axes 0 and 2 of ``x3`` (shape ``(A, C, L)``, ``A*L > 0``).
 
@@ -441,8 +449,8 @@ def moments(x3) -> Moments:
     standard deviations of 0, checked on the final sums. Elsewhere the centre is a mean of the
     data. With ``A == 1`` every block holds whole groups and decides on its own data; otherwise
     (batch norm) all blocks share one centre, chosen from the first block's entries of axis 0
-    (their mean, or 0), and a pass around 0 that fails the check on the totals is done again
-    around the mean that pass found.
+    (their mean, or 0), and a pass whose totals fail the check is done again around the mean
+    that pass found.
     """
     g = _Grouped(x3)
     xp = g.xp
@@ -489,9 +497,14 @@ def moments(x3) -> Moments:
         # The first rows were not representative: sum again around the mean just found (within
         # float32 rounding of the true mean, which is all a centre needs).
         center = offset
-    tiled = g.tile(center)
-    totals = g.sums(lambda bounds: g.centred_sums(bounds, tiled[bounds[2]:bounds[3]]))
-    offset, var = _mean_var(totals[0], totals[1], count, zeros)
+    for _ in range(2):
+        tiled = g.tile(center)
+        totals = g.sums(lambda bounds: g.centred_sums(bounds, tiled[bounds[2]:bounds[3]]))
+        offset, var = _mean_var(totals[0], totals[1], count, zeros)
+        if not _centre_far_off(offset, var):
+            break
+        # The first rows' mean was far from the data's: once more, around the mean just found.
+        center = center + offset
     return Moments(center=center, offset=offset, var=var, count=count)
 
 
