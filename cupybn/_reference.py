@@ -98,6 +98,17 @@ def _executor():
     return _pool
 
 
+def _forget_pool():
+    """In a forked child (a DataLoader worker, say) the parent's pool threads do not exist, and
+    the executor would queue work for them forever: start a new pool on first use instead."""
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 _local = threading.local()
 
 

@@ -290,3 +290,24 @@ def test_device_names(has_torch):
         assert _dispatch.device_name(np.zeros(2)) == "cpu"
         assert _dispatch.device_name(xps.zeros(2)) == "cpu"
         assert _dispatch.device_name(has_torch.zeros(2)) == "cpu"
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_pool_works_in_a_forked_child(monkeypatch):
+    """After fork (DataLoader workers), the child gets a pool of its own instead of waiting forever
+    on the parent's threads."""
+    import os
+
+    monkeypatch.setattr(_reference, "_PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(_reference, "_WORKERS", 2)
+    blocks = _reference._blocks((10, 3, 1 << 16))
+    assert _reference._map_blocks(lambda b: b, blocks, 1 << 30) == blocks  # the parent's pool runs
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if the pooled map completes
+        import signal
+
+        signal.alarm(20)
+        ok = _reference._map_blocks(lambda b: b, blocks, 1 << 30) == blocks
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
