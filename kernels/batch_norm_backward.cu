@@ -167,12 +167,8 @@ __global__ void __launch_bounds__(kBackwardThreads)
       ws_dyx[blockIdx.x] = s.dyx;
       ws_xm[blockIdx.x] = s.xm;
       __threadfence();  // the partial is visible device-wide before the ticket is
-      const unsigned int ticket = atomicAdd(counters + slot, 1u);
-      is_last = ticket == (unsigned int)splits - 1u;
     }
-    __syncthreads();
-    if (!is_last) return;  // uniform in the block; no barrier follows
-    __threadfence();       // see every other block's partial
+    if (!last_block_to_arrive(counters + slot, (unsigned int)splits, &is_last, tid == 0)) return;  // uniform
     if (tid < 32) {
       GradSums<A> acc = zero;
       const index_t first = (index_t)slot * splits;

@@ -327,6 +327,21 @@ __device__ __forceinline__ int linear_thread_id() {
   return (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
 }
 
+// Last-block-done ticket. Call from every thread of the block after the threads that wrote this
+// block's partial results have fenced them (__threadfence). One thread (`leader`, true in exactly
+// one thread: the caller has that test in registers already) takes a ticket from `counter`; the
+// result, true in every thread, says whether this block is the last of `expected` blocks to
+// arrive, and then every other block's partials are visible to it. `flag` points at one int of
+// shared memory. Contains __syncthreads (a non-last block may return right after it).
+__device__ __forceinline__ bool last_block_to_arrive(unsigned int* counter, unsigned int expected, int* flag,
+                                                     bool leader) {
+  if (leader) *flag = atomicAdd(counter, 1u) == expected - 1u;
+  __syncthreads();
+  if (!*flag) return false;
+  __threadfence();  // see every other block's partials
+  return true;
+}
+
 // Reduces v over the whole block; the result is valid in thread 0 (linear id). The block must
 // hold a multiple of 32 threads (full warps), at most 1024. `scratch` points at 32 entries of
 // shared memory; the function ends with a barrier, so scratch may be reused right after it.

@@ -263,13 +263,7 @@ __global__ void __launch_bounds__(kRegisters ? kWarpBlockThreads : kFusedThreads
   if (running_mean == nullptr) return;  // uniform: no barrier follows otherwise
   // instance norm running statistics: the last block averages over the batch, in sample order
   const int tid = linear_thread_id();
-  if (tid == 0) {
-    const unsigned int ticket = atomicAdd(counters, 1u);
-    is_last = ticket == gridDim.x - 1u;
-  }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();  // see every other block's statistics
+  if (!last_block_to_arrive(counters, gridDim.x, &is_last, tid == 0)) return;  // sees every block's statistics
   const index_t channels = groups_per_sample, samples = groups / groups_per_sample;
   const double unbias = (double)L / ((double)L - 1.0);
   for (index_t c = tid; c < channels; c += block_threads()) {

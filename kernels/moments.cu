@@ -174,12 +174,8 @@ __global__ void __launch_bounds__(kMomentsThreads)
       ws_mean[blockIdx.x] = w.mean;
       ws_m2[blockIdx.x] = w.m2;
       __threadfence();  // the partial is visible device-wide before the ticket is
-      const unsigned int ticket = atomicAdd(counters + slot, 1u);
-      is_last = ticket == (unsigned int)splits - 1u;
     }
-    __syncthreads();
-    if (!is_last) return;  // uniform in the block; no barrier follows
-    __threadfence();       // see every other block's partial
+    if (!last_block_to_arrive(counters + slot, (unsigned int)splits, &is_last, tid == 0)) return;  // uniform
     if (tid < 32) {
       Welford<A> acc = welford_empty<A>();
       const index_t first = (index_t)slot * splits;
@@ -337,6 +333,8 @@ __global__ void __launch_bounds__(kMomentsThreads)
       __threadfence();
     }
     __syncthreads();  // every partial of the block is written and fenced
+    // Written out rather than last_block_to_arrive(): the float16 instantiations sit at the
+    // register limit of __launch_bounds__ and the helper's form tips them into spilling.
     if (tx == 0 && ty == 0) {
       const unsigned int ticket = atomicAdd(counters + slot, 1u);
       is_last = ticket == (unsigned int)splits - 1u;
