@@ -65,8 +65,6 @@ _BLOCK_ELEMENTS = 1 << 18
 # 0.8 + 0.9 ms on two threads against 1.3 + 1.3 ms on one (normalize + statistics); at 1.2M
 # elements, (8, 3, 224, 224), waking the pool's thread cost about what it saved.
 _PARALLEL_MIN_ELEMENTS = 1 << 21
-# Rows batch norm decides its centre from when the pool takes large blocks (64 KiB of float32).
-_PROBE_ELEMENTS = 1 << 14
 # Blocks per thread when the pool shares the work (see _block_elements), and the largest block
 # (8 MiB of float32).
 _BLOCKS_PER_WORKER = 4
@@ -207,7 +205,7 @@ def _block_elements(elements: int) -> int:
     return max(_BLOCK_ELEMENTS, min(_THREADED_BLOCK_MAX, -(-elements // (_WORKERS * _BLOCKS_PER_WORKER))))
 
 
-def _map_blocks(fn, blocks, elements: int, first=None):
+def _map_blocks(fn, blocks, elements: int):
     """``[fn(block) for block in blocks]``, shared with the thread pool when the array (of
     ``elements`` elements) is large.
 
@@ -216,14 +214,9 @@ def _map_blocks(fn, blocks, elements: int, first=None):
     microseconds on a virtual machine) simply takes fewer blocks; results are stored by block
     index, so they come back in block order whatever the timing. Pool tasks run in a copy of the
     caller's context, so settings such as NumPy's ``errstate`` apply in the pool's threads too.
-
-    ``first()``, when given, runs in the calling thread before it takes blocks (the pool has
-    started already); if it returns False no further block is started and the result is None.
     """
     workers = min(len(blocks), _WORKERS) if _threaded(elements) else 1
     if workers <= 1:
-        if first is not None and not first():
-            return None
         return [fn(b) for b in blocks]
     results = [None] * len(blocks)
     queue = iter(enumerate(blocks))  # next() on it is atomic: it runs in C, under the GIL
@@ -233,17 +226,14 @@ def _map_blocks(fn, blocks, elements: int, first=None):
             results[i] = fn(bounds)
 
     pending = [_executor().submit(contextvars.copy_context().run, work) for _ in range(workers - 1)]
-    go = False
     try:
-        go = first is None or first()
-        if go:
-            work()
+        work()
     finally:
-        for _ in queue:  # after a stop or an error: the pool's threads finish their current block
+        for _ in queue:  # after an error: the pool's threads finish their current block
             pass
         for future in pending:
             future.result()
-    return results if go else None
+    return results
 
 
 def _row_tiles(a: int, c: int) -> int:
@@ -253,6 +243,34 @@ def _row_tiles(a: int, c: int) -> int:
         if a % k == 0:
             return k
     return 1
+
+
+def _settings():
+    """The module settings a layout depends on (read at each call: tests change them)."""
+    return (_BLOCK_ELEMENTS, _PARALLEL_MIN_ELEMENTS, _THREADED_BLOCK_MAX, _BLOCKS_PER_WORKER,
+            _ROW_ELEMENTS, _WORKERS)
+
+
+def _pieces(bounds, l: int, piece_elements: int):
+    """``bounds`` split along axis 0 into pieces of about ``piece_elements`` elements (rows of ``l``)."""
+    a0, a1, c0, c1 = bounds
+    rows = max(1, piece_elements // ((c1 - c0) * l))
+    if rows >= a1 - a0:
+        return (bounds,)
+    return tuple((i, min(a1, i + rows), c0, c1) for i in range(a0, a1, rows))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(shape, settings):
+    """``(flat, tiles, grid, blocks, pieces)`` of :class:`_Grouped` for a ``(A, C, L)`` shape under
+    ``settings`` (see :func:`_settings`): worked out once per shape, since a training loop sees
+    the same few shapes call after call. ``pieces`` maps each block to its cache-sized pieces."""
+    a, c, l = shape
+    flat = l == 1
+    tiles = _row_tiles(a, c) if flat else 1
+    grid = (a // tiles, c * tiles, l)
+    blocks = tuple(_blocks(grid, _block_elements(math.prod(grid))))
+    return flat, tiles, grid, blocks, {b: _pieces(b, grid[2], settings[0]) for b in blocks}
 
 
 class _Grouped:
@@ -270,19 +288,16 @@ class _Grouped:
     def __init__(self, x3):
         self.xp = _dispatch.namespace(x3)
         self.shape = tuple(x3.shape)
-        a, c, l = self.shape
-        self.flat = l == 1
-        self.tiles = _row_tiles(a, c) if self.flat else 1
-        self.grid = (a // self.tiles, c * self.tiles, l)
+        self.flat, self.tiles, self.grid, self.blocks, self._pieces = _layout(self.shape, _settings())
         self.x = self.xp.reshape(x3, self.grid[:2]) if self.flat else x3
         self.acc = accumulation_dtype(self.xp, x3.dtype)
         self.in_acc = x3.dtype == self.acc
-        self.blocks = _blocks(self.grid, _block_elements(math.prod(self.grid)))
+        # NumPy's einsum sums squares of (N, C) blocks without a squared temporary
+        self._fused_squares = _dispatch.column_sums_of_squares if self.flat else None
 
-    def map(self, fn, first=None):
-        """``[fn(bounds) for bounds in self.blocks]``, on the thread pool when the array is large
-        (``first``: see :func:`_map_blocks`)."""
-        return _map_blocks(fn, self.blocks, math.prod(self.grid), first)
+    def map(self, fn):
+        """``[fn(bounds) for bounds in self.blocks]``, on the thread pool when the array is large."""
+        return _map_blocks(fn, self.blocks, math.prod(self.grid))
 
     def fold(self, v):
         """Per-group sums of the working view, ``(tiles * C,)``, folded to the ``(C,)`` groups."""
@@ -302,11 +317,8 @@ class _Grouped:
 
     def pieces(self, bounds):
         """``bounds`` split along axis 0 into pieces of about ``_BLOCK_ELEMENTS`` elements."""
-        a0, a1, c0, c1 = bounds
-        rows = max(1, _BLOCK_ELEMENTS // ((c1 - c0) * self.grid[2]))
-        if rows >= a1 - a0:
-            return [bounds]
-        return [(i, min(a1, i + rows), c0, c1) for i in range(a0, a1, rows)]
+        pieces = self._pieces.get(bounds)
+        return pieces if pieces is not None else _pieces(bounds, self.grid[2], _BLOCK_ELEMENTS)
 
     def block_shape(self, bounds):
         """Shape of the block at ``bounds``."""
@@ -327,6 +339,8 @@ class _Grouped:
             # on the core the pool's other thread needs: sum in row chunks under that size.
             n = d.shape[0]
             rows = max(1, _BLAS_MAX_ELEMENTS // max(1, d.shape[1]))
+            if n <= rows:
+                return xp.matmul(_ones(xp, n, d.dtype, d), d)
             total = None
             for i in range(0, n, rows):
                 chunk = d[i:min(n, i + rows), ...]
@@ -341,8 +355,8 @@ class _Grouped:
         xp = self.xp
         if not self.flat and d.shape[2] >= _VECDOT_MIN_LENGTH:
             return xp.sum(xp.vecdot(d, d, axis=-1), axis=0)
-        if self.flat:
-            fused = _dispatch.column_sums_of_squares(d)
+        if self._fused_squares is not None:
+            fused = self._fused_squares(d)
             if fused is not None:
                 return fused
         t = d if overwrite else _scratch(xp, tuple(d.shape), d.dtype, d)
@@ -355,7 +369,8 @@ class _Grouped:
         def piece_sums(piece):
             x = self.block(piece)
             return self.group_sums(x), self.group_sums_of_squares(x)
-        return self._add_pieces(bounds, piece_sums)
+        pieces = self.pieces(bounds)
+        return piece_sums(pieces[0]) if len(pieces) == 1 else self._add_pieces(pieces, piece_sums)
 
     def centred_sums(self, bounds, center):
         """``(sum(d), sum(d * d))`` per group of the block at ``bounds``, ``d = x - center`` with
@@ -367,60 +382,54 @@ class _Grouped:
             d = _scratch(xp, self.block_shape(piece), self.acc, self.x)
             _dispatch.binary_into(xp.subtract, self.block(piece), center, d)
             return self.group_sums(d), self.group_sums_of_squares(d, overwrite=True)
-        return self._add_pieces(bounds, piece_sums)
+        return self._add_pieces(self.pieces(bounds), piece_sums)
 
-    def _add_pieces(self, bounds, piece_sums):
-        """Per-group ``piece_sums`` of the block at ``bounds``, added over its pieces in order."""
+    def _add_pieces(self, pieces, piece_sums):
+        """Per-group ``piece_sums`` of a block's ``pieces``, added over them in order."""
         totals = None
-        for piece in self.pieces(bounds):
+        for piece in pieces:
             sums = piece_sums(piece)
             totals = sums if totals is None else tuple(t + s for t, s in zip(totals, sums))
         return totals
 
-    def sums(self, fn, combine=None, first=None):
+    def sums(self, fn, combine=(True, True)):
         """Per-group results of ``fn(bounds) -> tuple of (c1-c0,) arrays`` over all blocks, folded
-        to the ``(C,)`` groups (see :meth:`fold`); None when ``first()`` (see :func:`_map_blocks`)
-        says to stop.
+        to the ``(C,)`` groups (see :meth:`fold`); None when ``fn`` returned None for a block (it
+        does so to stop a pass early).
 
-        ``combine[i]`` says whether result ``i`` is a sum over blocks (default: all are) or the
-        same value from every block. Sums are added in block order, so they do not depend on
-        thread timing.
+        ``combine[i]`` says whether result ``i`` is a sum over blocks or the same value from
+        every block (one entry per result). Sums are added in block order, so they do not depend
+        on thread timing.
         """
         xp = self.xp
-        nb, width = len(self.blocks), self.grid[1]
-        if (combine is None and 2 * nb * width <= _BLAS_MAX_ELEMENTS
+        nb, width, k = len(self.blocks), self.grid[1], len(combine)
+        if (all(combine) and k * nb * width <= _BLAS_MAX_ELEMENTS
                 and all(c0 == 0 and c1 == width for _, _, c0, c1 in self.blocks)):
             # Row blocks: every result covers every group. Each block stores its results in its
-            # own row of one small array (in the thread that made them), and two matrix-vector
-            # products add them over the blocks and the side-by-side rows: a handful of small
-            # operations after the pool is done instead of dozens.
+            # own row of one small array (in the thread that made them), and one matrix-vector
+            # product adds them over the blocks and the side-by-side rows: few small operations
+            # after the pool is done (each costs more there, with the caches full of data).
+            store = xp.empty((k, nb, width), dtype=self.acc, device=array_api_compat.device(self.x))
             index = {bounds: i for i, bounds in enumerate(self.blocks)}
-            store = None
-            made = threading.Lock()
 
             def stored(bounds):
-                nonlocal store
                 results = fn(bounds)
-                with made:  # the first result tells how many sums there are
-                    if store is None:
-                        store = xp.empty((nb, len(results), width), dtype=self.acc,
-                                         device=array_api_compat.device(results[0]))
+                if results is None:
+                    return False
+                i = index[bounds]
                 for j, r in enumerate(results):
-                    store[index[bounds], j, ...] = r
-                return len(results)
+                    store[j, i, ...] = r
+                return True
 
-            counts = self.map(stored, first)
-            if counts is None:
+            if not all(self.map(stored)):
                 return None
-            k = counts[0]
-            total = xp.matmul(_ones(xp, nb, self.acc, store), xp.reshape(store, (nb, k * width)))
-            total = xp.matmul(_ones(xp, self.tiles, self.acc, store), xp.reshape(total, (k, self.tiles, self.shape[1])))
+            rows = nb * self.tiles
+            total = xp.matmul(_ones(xp, rows, self.acc, store), xp.reshape(store, (k, rows, self.shape[1])))
             return [total[j, ...] for j in range(k)]
-        per_block = self.map(fn, first)
-        if per_block is None:
+        per_block = self.map(fn)
+        if any(r is None for r in per_block):
             return None
-        combine = combine or (True,) * len(per_block[0])
-        totals = [xp.zeros((self.grid[1],), dtype=self.acc) for _ in combine]
+        totals = [xp.zeros((width,), dtype=self.acc) for _ in combine]
         for (_, _, c0, c1), results in zip(self.blocks, per_block):
             for total, add, r in zip(totals, combine, results):
                 total[c0:c1] = total[c0:c1] + r if add else r
@@ -432,8 +441,7 @@ def _mean_var(sum1, sum2, count, zeros):
     sums of ``d`` and ``d * d`` around a centre; the mean is relative to that centre."""
     xp = _dispatch.namespace(sum1)
     mean = sum1 / count
-    var = sum2 / count - mean * mean
-    return mean, xp.where(var < 0, zeros, var)
+    return mean, xp.maximum(sum2 / count - mean * mean, zeros)
 
 
 def _zero_centre_serves(mean, var) -> bool:
@@ -441,6 +449,15 @@ def _zero_centre_serves(mean, var) -> bool:
     (False where any is NaN, so non-finite data takes the centred path)."""
     xp = _dispatch.namespace(mean)
     return bool(xp.all(mean * mean <= (_ZERO_CENTER_LIMIT ** 2) * var))
+
+
+def _near_zero(sum1, sum2, count) -> bool:
+    """:func:`_zero_centre_serves` on the sums around 0 of ``count`` elements per group, without
+    forming mean and variance: ``mean**2 <= limit**2 * var`` is
+    ``(1 + limit**2) * sum1**2 <= limit**2 * count * sum2``."""
+    xp = _dispatch.namespace(sum1)
+    k = _ZERO_CENTER_LIMIT ** 2
+    return bool(xp.all((1 + k) * (sum1 * sum1) <= (k * count) * sum2))
 
 
 def _centre_far_off(offset, var) -> bool:
@@ -482,26 +499,30 @@ def moments(x3) -> Moments:
         offset, var = _mean_var(dsum, dsq, count, zeros)
         return Moments(center=center, offset=offset, var=var, count=count)
 
-    # The centre is decided from the first rows of every group: the first block when one thread
-    # works through cache-sized blocks (its sums are then reused), a smaller sample when the pool
-    # shares the work -- decided in the calling thread while the pool's threads already sum
-    # blocks around 0 (their work is dropped when the sample says to centre).
-    probe_size = _PROBE_ELEMENTS if _threaded(math.prod(g.grid)) else _BLOCK_ELEMENTS
-    probe = (0, min(g.grid[0], max(1, probe_size // (g.grid[1] * l))), 0, g.grid[1])
-    decided = {}
-
-    def around_zero() -> bool:
-        decided["sums"] = g.raw_sums(probe)
-        n = probe[1] * g.tiles * l
-        decided["center"], probe_var = _mean_var(*(g.fold(t) for t in decided["sums"]), n, zeros)
-        return _zero_centre_serves(decided["center"], probe_var)
+    # Every block is summed around 0, and the blocks holding the first rows check that this
+    # serves for their groups. Where it does not, the blocks after them stop early (the pool's
+    # threads may have summed one or two in vain) and the pass is done around the first rows' mean.
+    width, head_rows = g.grid[1], g.blocks[0][1]
+    far = []  # the first rows' sums, once a check failed (None: they cover only some groups)
 
     def block_sums(bounds):
-        return decided["sums"] if bounds == probe and "sums" in decided else g.raw_sums(bounds)
+        if far:
+            return None
+        sums = g.raw_sums(bounds)
+        a0, a1, c0, c1 = bounds
+        whole = c1 - c0 == width
+        if a0 == 0 and (whole or g.tiles == 1):  # (side-by-side rows fold only as a whole)
+            sum1, sum2 = (g.fold(t) for t in sums)
+            if not _near_zero(sum1, sum2, a1 * g.tiles * l):
+                far.append(sum1 if whole else None)
+                return None
+        return sums
 
-    totals = g.sums(block_sums, first=around_zero)
-    center = decided["center"]
-    if totals is not None:
+    totals = g.sums(block_sums)
+    if far:
+        sum1 = far[0] if far[0] is not None else g.fold(g.raw_sums((0, head_rows, 0, width))[0])
+        center = sum1 / (head_rows * g.tiles * l)
+    else:
         offset, var = _mean_var(totals[0], totals[1], count, zeros)
         if _zero_centre_serves(offset, var):
             return Moments(center=zeros, offset=offset, var=var, count=count, centred=False)

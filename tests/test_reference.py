@@ -60,7 +60,7 @@ def threads(request, monkeypatch):
 @pytest.mark.parametrize("shape", [(64, 5, 7), (300, 4, 1), (2, 3, 1000)], ids=str)
 def test_far_from_zero_data_is_centred(backend, dtype, shape, rng, seed, threads):
     """Mean 1e4, std 1e-2: summed around a mean of the data, and as accurate as the oracle allows
-    (with the pool, its sums around 0 are dropped once the first rows show the data is far off)."""
+    (the first block shows the data is far off, and the blocks after it stop early)."""
     require(backend, dtype)
     x64 = round_to(1e4 + 1e-2 * rng.standard_normal(shape), dtype)
     m = _moments(backend, x64, dtype)
@@ -79,7 +79,7 @@ def test_unrepresentative_first_rows_sum_again_around_the_mean(backend, dtype, r
     pass found."""
     require(backend, dtype)
     monkeypatch.setattr(_reference, "_BLOCK_ELEMENTS", 64)
-    monkeypatch.setattr(_reference, "_PROBE_ELEMENTS", 64)  # the first 10 rows, with the pool too
+    monkeypatch.setattr(_reference, "_THREADED_BLOCK_MAX", 64)  # the first 10 rows, with the pool too
     x64 = rng.standard_normal((400, 3, 2))
     x64[40:] += 1e3
     x64 = round_to(x64, dtype)
@@ -97,7 +97,7 @@ def test_first_rows_far_from_zero_centre_every_block(backend, dtype, rng, seed, 
     standard deviations of the mean either way."""
     require(backend, dtype)
     monkeypatch.setattr(_reference, "_BLOCK_ELEMENTS", 64)
-    monkeypatch.setattr(_reference, "_PROBE_ELEMENTS", 64)  # the first 10 rows, with the pool too
+    monkeypatch.setattr(_reference, "_THREADED_BLOCK_MAX", 64)  # the first 10 rows, with the pool too
     x64 = round_to(1e3 + rng.standard_normal((400, 3, 2)), dtype)
     m = _moments(backend, x64, dtype)
     mean, var = _expect(x64)
@@ -113,7 +113,7 @@ def test_far_off_first_rows_centre_again(backend, dtype, rng, seed, monkeypatch,
     them round once more, around the mean."""
     require(backend, dtype)
     monkeypatch.setattr(_reference, "_BLOCK_ELEMENTS", 64)
-    monkeypatch.setattr(_reference, "_PROBE_ELEMENTS", 64)
+    monkeypatch.setattr(_reference, "_THREADED_BLOCK_MAX", 64)
     x64 = 0.5 + 1e-3 * rng.standard_normal((4000, 3, 2))
     x64[10:] = 1e4 + 1e-2 * rng.standard_normal((3990, 3, 2))
     x64 = round_to(x64, dtype)
