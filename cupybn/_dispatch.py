@@ -57,7 +57,7 @@ def as_known_array(x):
         return detached(x)
     if array_api_compat.is_array_api_obj(x):
         try:
-            array_api_compat.array_namespace(x)
+            namespace(x)  # cached by type
             return x
         except TypeError:
             pass

@@ -71,8 +71,12 @@ _BLOCKS_PER_WORKER = 4
 _THREADED_BLOCK_MAX = 1 << 21
 # Largest matrix-vector product handed to BLAS in one call (OpenBLAS stays on one thread below it).
 _BLAS_MAX_ELEMENTS = 1 << 18
-# Batch norm on (N, C) lays rows side by side up to this many elements per row of its working view.
+# Batch norm on (N, C) lays rows side by side up to this many elements per row of its working view
+# for the normalize step, and up to _STATS_ROW_ELEMENTS for the statistics: on (4096, 512) NumPy's
+# elementwise loops ran fastest on 8192-element rows, the matrix-vector sums and einsum on rows
+# of 512-2048 (their per-row accumulators then stay in L1; 5% of the whole call, measured).
 _ROW_ELEMENTS = 8192
+_STATS_ROW_ELEMENTS = 2048
 # Rows shorter than this are reduced with an elementwise square rather than a dot product.
 _VECDOT_MIN_LENGTH = 32
 # moments sums around centre 0 (no centred copy of the data) when every group's |mean| is at most
@@ -236,10 +240,10 @@ def _map_blocks(fn, blocks, elements: int):
     return results
 
 
-def _row_tiles(a: int, c: int) -> int:
+def _row_tiles(a: int, c: int, row_elements: int) -> int:
     """How many rows of an ``(a, c)`` array to lay side by side as one row of the working view:
-    the largest divisor of ``a`` that keeps a view row within ``_ROW_ELEMENTS``."""
-    for k in range(max(1, min(a, _ROW_ELEMENTS // max(1, c))), 0, -1):
+    the largest divisor of ``a`` that keeps a view row within ``row_elements``."""
+    for k in range(max(1, min(a, row_elements // max(1, c))), 0, -1):
         if a % k == 0:
             return k
     return 1
@@ -247,8 +251,7 @@ def _row_tiles(a: int, c: int) -> int:
 
 def _settings():
     """The module settings a layout depends on (read at each call: tests change them)."""
-    return (_BLOCK_ELEMENTS, _PARALLEL_MIN_ELEMENTS, _THREADED_BLOCK_MAX, _BLOCKS_PER_WORKER,
-            _ROW_ELEMENTS, _WORKERS)
+    return (_BLOCK_ELEMENTS, _PARALLEL_MIN_ELEMENTS, _THREADED_BLOCK_MAX, _BLOCKS_PER_WORKER, _WORKERS)
 
 
 def _pieces(bounds, l: int, piece_elements: int):
@@ -261,13 +264,13 @@ def _pieces(bounds, l: int, piece_elements: int):
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(shape, settings):
+def _layout(shape, row_elements: int, settings):
     """``(flat, tiles, grid, blocks, pieces)`` of :class:`_Grouped` for a ``(A, C, L)`` shape under
     ``settings`` (see :func:`_settings`): worked out once per shape, since a training loop sees
     the same few shapes call after call. ``pieces`` maps each block to its cache-sized pieces."""
     a, c, l = shape
     flat = l == 1
-    tiles = _row_tiles(a, c) if flat else 1
+    tiles = _row_tiles(a, c, row_elements) if flat else 1
     grid = (a // tiles, c * tiles, l)
     blocks = tuple(_blocks(grid, _block_elements(math.prod(grid))))
     return flat, tiles, grid, blocks, {b: _pieces(b, grid[2], settings[0]) for b in blocks}
@@ -278,17 +281,17 @@ class _Grouped:
 
     With ``L == 1`` (batch norm on ``(N, C)``) the view drops its last axis: broadcasting a
     ``(C, 1)`` vector over a trailing axis of length 1 makes NumPy loop one element at a time.
-    It also lays ``tiles`` consecutive rows side by side, ``(A / tiles, tiles * C)``, with every
-    per-channel vector repeated ``tiles`` times to match: NumPy's loops restart at every row
-    of a broadcast operation, and rows of a few hundred channels made that restart cost a
-    third of the normalize step. Block bounds and per-group results of the helpers refer to
+    It also lays ``tiles`` consecutive rows side by side, ``(A / tiles, tiles * C)`` with rows of
+    at most ``row_elements``, with every per-channel vector repeated ``tiles`` times to match:
+    NumPy's loops restart at every row of a broadcast operation, and rows of a few hundred
+    channels made that restart cost a third of the normalize step. Block bounds and per-group results of the helpers refer to
     this working view, ``grid``; :meth:`fold` and :meth:`tile` convert per-group vectors.
     """
 
-    def __init__(self, x3):
+    def __init__(self, x3, row_elements: int):
         self.xp = _dispatch.namespace(x3)
         self.shape = tuple(x3.shape)
-        self.flat, self.tiles, self.grid, self.blocks, self._pieces = _layout(self.shape, _settings())
+        self.flat, self.tiles, self.grid, self.blocks, self._pieces = _layout(self.shape, row_elements, _settings())
         self.x = self.xp.reshape(x3, self.grid[:2]) if self.flat else x3
         self.acc = accumulation_dtype(self.xp, x3.dtype)
         self.in_acc = x3.dtype == self.acc
@@ -480,7 +483,7 @@ def moments(x3) -> Moments:
     (their mean, or 0), and a pass whose totals fail the check is done again around the mean
     that pass found.
     """
-    g = _Grouped(x3)
+    g = _Grouped(x3, _STATS_ROW_ELEMENTS)
     xp = g.xp
     a, c, l = g.shape
     count = a * l
@@ -560,7 +563,7 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
     ``col_scale`` / ``col_shift`` (layer norm's elementwise affine) have shape ``(L,)`` or are
     ``None``. Arithmetic runs in the accumulation dtype; the result has ``x3``'s dtype and shape.
     """
-    g = _Grouped(x3)
+    g = _Grouped(x3, _ROW_ELEMENTS)
     xp = g.xp
     y = _dispatch.empty_aligned(xp, g.x.shape, x3.dtype, x3)
     # x * scale + (shift - center * scale) saves a pass but rounds at the size of center * scale:

@@ -58,7 +58,7 @@ def _param(a, like, acc):
     if not _dispatch.same_framework(a, like):
         owner = _dispatch.namespace(a)
         a = owner.astype(a, getattr(owner, _checks.dtype_name(acc)))
-    return _dispatch.namespace(like).astype(_dispatch.convert_like(a, like), acc)
+    return _dispatch.namespace(like).astype(_dispatch.convert_like(a, like), acc, copy=False)
 
 
 def _wrap_running_stats(running_mean, running_var, momentum) -> RunningStats | None:

@@ -98,8 +98,8 @@ class RunningStats:
             mean = _dispatch.convert_like(batch_mean, self.mean)
             var = _dispatch.convert_like(batch_var, self.mean) * (count / (count - 1))
             xp = _dispatch.namespace(self.mean)
-            new_mean = xp.astype((1 - factor) * self.mean + factor * mean, self.mean.dtype)
-            new_var = xp.astype((1 - factor) * self.var + factor * var, self.var.dtype)
+            new_mean = xp.astype((1 - factor) * self.mean + factor * mean, self.mean.dtype, copy=False)
+            new_var = xp.astype((1 - factor) * self.var + factor * var, self.var.dtype, copy=False)
             self.mean[...] = new_mean
             self.var[...] = new_var
         if tracked is not None:

@@ -178,9 +178,9 @@ def test_constant_channels_have_zero_variance(backend, dtype, rng):
 @pytest.mark.parametrize("a,c,tiles", [(4096, 512, 16), (4097, 512, 1), (10, 3, 10), (6, 9000, 1),
                                        (1024, 1000, 8), (7, 1, 7)])
 def test_row_tiles(a, c, tiles):
-    """Rows laid side by side: the largest divisor of N that keeps a row within _ROW_ELEMENTS."""
-    assert _reference._row_tiles(a, c) == tiles
-    assert a % tiles == 0 and (tiles == 1 or tiles * c <= _reference._ROW_ELEMENTS)
+    """Rows laid side by side: the largest divisor of N that keeps a row within 8192 elements."""
+    assert _reference._row_tiles(a, c, 8192) == tiles
+    assert a % tiles == 0 and (tiles == 1 or tiles * c <= 8192)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
