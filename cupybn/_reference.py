@@ -38,7 +38,9 @@ float32, cache-sized), so a block's second operation finds it in cache; per-grou
 matrix-vector products with a ones vector (BLAS, each call small enough to stay on one thread),
 sums of squares dot products (NumPy's ``einsum`` on ``(N, C)``: no squared copy). Batch norm on
 ``(N, C)`` lays rows side by side (a working view ``(N / k, k * C)``) so NumPy's inner loops run
-over thousands of elements instead of restarting every ``C``. Outputs and scratch blocks start
+over thousands of elements instead of restarting every ``C``. Small operations between the
+passes are kept few: after a pass over 8 MiB each one costs several times its usual few
+microseconds (the caches hold the data, not the interpreter). Outputs and scratch blocks start
 on a cache line. From 2M elements the calling thread and a small pool (NumPy and torch release
 the GIL inside their kernels) take larger blocks from one queue, each worked through in
 cache-sized pieces; per-block results are combined in block order, so results do not depend on
@@ -479,9 +481,9 @@ def moments(x3) -> Moments:
     copy) where that is accurate: where every group's mean lies within ``_ZERO_CENTER_LIMIT``
     standard deviations of 0, checked on the final sums. Elsewhere the centre is a mean of the
     data. With ``A == 1`` every block holds whole groups and decides on its own data; otherwise
-    (batch norm) all blocks share one centre, chosen from the first block's entries of axis 0
-    (their mean, or 0), and a pass whose totals fail the check is done again around the mean
-    that pass found.
+    (batch norm) all blocks are summed around 0 while the blocks holding the first entries of axis
+    0 check that this serves; where it does not, the pass stops early and is done around their
+    mean. A pass whose totals fail the check is done again around the mean that pass found.
     """
     g = _Grouped(x3, _STATS_ROW_ELEMENTS)
     xp = g.xp
