@@ -106,6 +106,30 @@ def test_first_rows_far_from_zero_centre_every_block(backend, dtype, rng, seed, 
     np.testing.assert_allclose(to_f64(m.var), var, rtol=1e-5 if dtype == "float32" else 1e-12)
 
 
+@pytest.mark.parametrize("shape", [(400, 3, 2), (40, 3, 50)], ids=["row blocks", "column blocks"])
+def test_far_first_rows_stop_the_pass_around_zero(backend, shape, rng, seed, monkeypatch, threads):
+    """Data at 1e3: the blocks holding the first rows see it and the pass around 0 stops there
+    (a block or so per pool thread may be under way); every block is then summed once, centred."""
+    require(backend, "float32")
+    monkeypatch.setattr(_reference, "_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(_reference, "_THREADED_BLOCK_MAX", 64)
+    calls = {"raw": 0, "centred": 0}
+    for name, kind in (("raw_sums", "raw"), ("centred_sums", "centred")):
+        def counted(self, *args, _f=getattr(_reference._Grouped, name), _k=kind):
+            calls[_k] += 1
+            return _f(self, *args)
+        monkeypatch.setattr(_reference._Grouped, name, counted)
+    x64 = round_to(1e3 + rng.standard_normal(shape), "float32")
+    m = _moments(backend, x64, "float32")
+    blocks = _reference._Grouped(to_backend(x64, backend, "float32"), _reference._STATS_ROW_ELEMENTS).blocks
+    first_rows = sum(1 for b in blocks if b[0] == 0)
+    assert len(blocks) > 8 * _reference._WORKERS
+    assert calls["raw"] <= first_rows + 2 * _reference._WORKERS, calls  # + 1 for the centre's rows
+    assert calls["centred"] == len(blocks), calls
+    mean, var = _expect(x64)
+    np.testing.assert_allclose(to_f64(m.var), var, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_far_off_first_rows_centre_again(backend, dtype, rng, seed, monkeypatch, threads):
     """First rows at 0.5 with a tiny spread, the other 3990 at 1e4: centred on the first rows'
