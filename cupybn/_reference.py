@@ -256,26 +256,16 @@ def _settings():
     return (_BLOCK_ELEMENTS, _PARALLEL_MIN_ELEMENTS, _THREADED_BLOCK_MAX, _BLOCKS_PER_WORKER, _WORKERS)
 
 
-def _pieces(bounds, l: int, piece_elements: int):
-    """``bounds`` split along axis 0 into pieces of about ``piece_elements`` elements (rows of ``l``)."""
-    a0, a1, c0, c1 = bounds
-    rows = max(1, piece_elements // ((c1 - c0) * l))
-    if rows >= a1 - a0:
-        return (bounds,)
-    return tuple((i, min(a1, i + rows), c0, c1) for i in range(a0, a1, rows))
-
-
 @functools.lru_cache(maxsize=64)
 def _layout(shape, row_elements: int, settings):
-    """``(flat, tiles, grid, blocks, pieces)`` of :class:`_Grouped` for a ``(A, C, L)`` shape under
-    ``settings`` (see :func:`_settings`): worked out once per shape, since a training loop sees
-    the same few shapes call after call. ``pieces`` maps each block to its cache-sized pieces."""
+    """``(flat, tiles, grid, blocks)`` of :class:`_Grouped` for a ``(A, C, L)`` shape: worked out
+    once per shape, since a training loop sees the same few shapes call after call. ``settings``
+    (see :func:`_settings`) only keys the cache."""
     a, c, l = shape
     flat = l == 1
     tiles = _row_tiles(a, c, row_elements) if flat else 1
     grid = (a // tiles, c * tiles, l)
-    blocks = tuple(_blocks(grid, _block_elements(math.prod(grid))))
-    return flat, tiles, grid, blocks, {b: _pieces(b, grid[2], settings[0]) for b in blocks}
+    return flat, tiles, grid, tuple(_blocks(grid, _block_elements(math.prod(grid))))
 
 
 class _Grouped:
@@ -286,19 +276,18 @@ class _Grouped:
     It also lays ``tiles`` consecutive rows side by side, ``(A / tiles, tiles * C)`` with rows of
     at most ``row_elements``, with every per-channel vector repeated ``tiles`` times to match:
     NumPy's loops restart at every row of a broadcast operation, and rows of a few hundred
-    channels made that restart cost a third of the normalize step. Block bounds and per-group results of the helpers refer to
-    this working view, ``grid``; :meth:`fold` and :meth:`tile` convert per-group vectors.
+    channels made that restart cost a third of the normalize step. Block bounds and per-group
+    results of the helpers refer to this working view, ``grid``; :meth:`fold` and :meth:`tile`
+    convert per-group vectors.
     """
 
     def __init__(self, x3, row_elements: int):
         self.xp = _dispatch.namespace(x3)
         self.shape = tuple(x3.shape)
-        self.flat, self.tiles, self.grid, self.blocks, self._pieces = _layout(self.shape, row_elements, _settings())
+        self.flat, self.tiles, self.grid, self.blocks = _layout(self.shape, row_elements, _settings())
         self.x = self.xp.reshape(x3, self.grid[:2]) if self.flat else x3
         self.acc = accumulation_dtype(self.xp, x3.dtype)
         self.in_acc = x3.dtype == self.acc
-        # NumPy's einsum sums squares of (N, C) blocks without a squared temporary
-        self._fused_squares = _dispatch.column_sums_of_squares if self.flat else None
 
     def map(self, fn):
         """``[fn(bounds) for bounds in self.blocks]``, on the thread pool when the array is large."""
@@ -322,8 +311,11 @@ class _Grouped:
 
     def pieces(self, bounds):
         """``bounds`` split along axis 0 into pieces of about ``_BLOCK_ELEMENTS`` elements."""
-        pieces = self._pieces.get(bounds)
-        return pieces if pieces is not None else _pieces(bounds, self.grid[2], _BLOCK_ELEMENTS)
+        a0, a1, c0, c1 = bounds
+        rows = max(1, _BLOCK_ELEMENTS // ((c1 - c0) * self.grid[2]))
+        if rows >= a1 - a0:
+            return [bounds]
+        return [(i, min(a1, i + rows), c0, c1) for i in range(a0, a1, rows)]
 
     def block_shape(self, bounds):
         """Shape of the block at ``bounds``."""
@@ -344,8 +336,6 @@ class _Grouped:
             # on the core the pool's other thread needs: sum in row chunks under that size.
             n = d.shape[0]
             rows = max(1, _BLAS_MAX_ELEMENTS // max(1, d.shape[1]))
-            if n <= rows:
-                return xp.matmul(_ones(xp, n, d.dtype, d), d)
             total = None
             for i in range(0, n, rows):
                 chunk = d[i:min(n, i + rows), ...]
@@ -360,8 +350,8 @@ class _Grouped:
         xp = self.xp
         if not self.flat and d.shape[2] >= _VECDOT_MIN_LENGTH:
             return xp.sum(xp.vecdot(d, d, axis=-1), axis=0)
-        if self._fused_squares is not None:
-            fused = self._fused_squares(d)
+        if self.flat:
+            fused = _dispatch.column_sums_of_squares(d)
             if fused is not None:
                 return fused
         t = d if overwrite else _scratch(xp, tuple(d.shape), d.dtype, d)
@@ -374,8 +364,7 @@ class _Grouped:
         def piece_sums(piece):
             x = self.block(piece)
             return self.group_sums(x), self.group_sums_of_squares(x)
-        pieces = self.pieces(bounds)
-        return piece_sums(pieces[0]) if len(pieces) == 1 else self._add_pieces(pieces, piece_sums)
+        return self._add_pieces(self.pieces(bounds), piece_sums)
 
     def centred_sums(self, bounds, center):
         """``(sum(d), sum(d * d))`` per group of the block at ``bounds``, ``d = x - center`` with
