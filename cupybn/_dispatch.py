@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import array_api_compat
+import numpy
 
 # DLPack device types (dlpack.h, DLDeviceType).
 _DL_CPU, _DL_CUDA, _DL_CUDA_HOST, _DL_CUDA_MANAGED = 1, 2, 3, 13
@@ -174,13 +175,14 @@ def empty_aligned(xp, shape, dtype, like):
     slightly larger buffer is sliced to the boundary. Other frameworks (torch aligns its own)
     get ``xp.empty`` as it is.
     """
-    device = array_api_compat.device(like)
-    if not array_api_compat.is_numpy_namespace(xp):
-        return xp.empty(shape, dtype=dtype, device=device)
+    if not isinstance(like, numpy.ndarray):
+        return xp.empty(shape, dtype=dtype, device=array_api_compat.device(like))
+    # (NumPy's own calls: this runs between the passes over the data, where every Python call
+    # is slow with the caches full of data)
     size = math.prod(shape)
-    buf = xp.empty((size + _ALIGNMENT,), dtype=dtype, device=device)
+    buf = numpy.empty(size + _ALIGNMENT, dtype=dtype)
     start = (-buf.__array_interface__["data"][0] % _ALIGNMENT) // buf.itemsize
-    return xp.reshape(buf[start:start + size], shape)
+    return buf[start:start + size].reshape(shape)
 
 
 def column_sums_of_squares(x2):
@@ -191,8 +193,8 @@ def column_sums_of_squares(x2):
     inputs. Other frameworks get None (their ``einsum`` or ``vecdot`` over axis 0 is slower than
     the square-then-sum the caller falls back to).
     """
-    if not array_api_compat.is_numpy_array(x2):
+    # An exact type test: it runs once per cache-sized piece, where array_api_compat's
+    # is_numpy_array would take several Python calls (each slow with the caches full of data).
+    if type(x2) is not numpy.ndarray:
         return None
-    import numpy
-
     return numpy.einsum("ij,ij->j", x2, x2)

@@ -52,8 +52,8 @@ import contextvars
 import functools
 import math
 import os
+import queue as _queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import array_api_compat
@@ -92,19 +92,49 @@ _FOLD_LIMIT = 4.0
 # Threads of the block pool: the CPUs this process may run on, at most 8.
 _WORKERS = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
+class _Pool:
+    """``n`` daemon threads running the functions handed to :meth:`start`, one at a time each.
+
+    Leaner than ``concurrent.futures.ThreadPoolExecutor`` at the hand-overs, where it counts: a
+    function's end is one ``put`` on the caller's queue, after which the thread blocks at once,
+    so the caller wakes to a free GIL. (A future's thread runs Python after waking the caller,
+    who then sleeps once more for the GIL: about 50 us per call of :func:`_map_blocks` on a
+    2-vCPU virtual machine, measured.)
+    """
+
+    def __init__(self, n: int):
+        self._tasks = _queue.SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._serve, name=f"cupybn-{i}", daemon=True).start()
+
+    def _serve(self):
+        while True:
+            fn, done = self._tasks.get()
+            try:
+                fn()
+            except BaseException as exc:  # the caller raises it
+                done.put(exc)
+            else:
+                done.put(None)
+
+    def start(self, fn, done) -> None:
+        """Run ``fn()`` on a pool thread; its end (None or the exception) is put on ``done``."""
+        self._tasks.put((fn, done))
+
+
 _pool = None
 
 
-def _executor():
+def _workers() -> _Pool:
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, _WORKERS - 1), thread_name_prefix="cupybn")
+        _pool = _Pool(max(1, _WORKERS - 1))
     return _pool
 
 
 def _forget_pool():
     """In a forked child (a DataLoader worker, say) the parent's pool threads do not exist, and
-    the executor would queue work for them forever: start a new pool on first use instead."""
+    work queued for them would wait forever: start a new pool on first use instead."""
     global _pool
     _pool = None
 
@@ -141,10 +171,22 @@ def _scratch(xp, shape, dtype, like):
                    lambda: _dispatch.empty_aligned(xp, tuple(shape), dtype, like))
 
 
+_ONES: dict = {}
+
+
 def _ones(xp, n, dtype, like):
-    """A per-thread vector of ``n`` ones (read only), for the matrix-vector group sums."""
-    return _cached(("ones", xp.__name__, dtype, n),
-                   lambda: xp.ones((n,), dtype=dtype, device=array_api_compat.device(like)))
+    """A vector of ``n`` ones for the matrix-vector group sums, shared by all threads (read only).
+
+    One dictionary lookup: it is asked for once per cache-sized piece.
+    """
+    # the namespace comes first in the key, so dtypes of different frameworks are never compared
+    key = (xp.__name__, dtype, n)
+    ones = _ONES.get(key)
+    if ones is None:
+        if len(_ONES) >= 64:
+            _ONES.clear()
+        ones = _ONES[key] = xp.ones((n,), dtype=dtype, device=array_api_compat.device(like))
+    return ones
 
 
 def accumulation_dtype(xp, dtype):
@@ -231,14 +273,18 @@ def _map_blocks(fn, blocks, elements: int):
         for i, bounds in queue:
             results[i] = fn(bounds)
 
-    pending = [_executor().submit(contextvars.copy_context().run, work) for _ in range(workers - 1)]
+    done, pool = _queue.SimpleQueue(), _workers()
+    for _ in range(workers - 1):  # (a context is entered by one thread at a time: one copy each)
+        pool.start(functools.partial(contextvars.copy_context().run, work), done)
     try:
         work()
     finally:
         for _ in queue:  # after an error: the pool's threads finish their current block
             pass
-        for future in pending:
-            future.result()
+        errors = [done.get() for _ in range(workers - 1)]
+    for error in errors:
+        if error is not None:
+            raise error
     return results
 
 
@@ -266,6 +312,11 @@ def _layout(shape, row_elements: int, settings):
     tiles = _row_tiles(a, c, row_elements) if flat else 1
     grid = (a // tiles, c * tiles, l)
     return flat, tiles, grid, tuple(_blocks(grid, _block_elements(math.prod(grid))))
+
+
+def _added(totals, sums):
+    """``totals + sums`` elementwise over two tuples of arrays (``sums`` when ``totals`` is None)."""
+    return sums if totals is None else tuple(t + s for t, s in zip(totals, sums))
 
 
 class _Grouped:
@@ -322,26 +373,18 @@ class _Grouped:
         a0, a1, c0, c1 = bounds
         return (a1 - a0, c1 - c0) if self.flat else (a1 - a0, c1 - c0, self.grid[2])
 
-    def per_group(self, vec, bounds):
-        """``vec[c0:c1]`` shaped to broadcast against a block."""
-        v = vec[bounds[2]:bounds[3]]
-        return v if self.flat else v[:, None]
+    def per_group(self, vec):
+        """A per-group vector of the working view shaped to broadcast against its blocks."""
+        return vec if self.flat else vec[:, None]
 
     def group_sums(self, d):
         """Per-group sums of a block ``d`` (shape of :meth:`block`): a matrix-vector product with
         ones, which runs in BLAS at several times the speed of ``sum`` over these axes."""
         xp = self.xp
         if self.flat:
-            # Calls over _BLAS_MAX_ELEMENTS go to OpenBLAS's threads, which then spin for ~0.1 s
-            # on the core the pool's other thread needs: sum in row chunks under that size.
-            n = d.shape[0]
-            rows = max(1, _BLAS_MAX_ELEMENTS // max(1, d.shape[1]))
-            total = None
-            for i in range(0, n, rows):
-                chunk = d[i:min(n, i + rows), ...]
-                part = xp.matmul(_ones(xp, chunk.shape[0], d.dtype, d), chunk)
-                total = part if total is None else total + part
-            return total
+            # d is a piece (see pieces): at most _BLOCK_ELEMENTS <= _BLAS_MAX_ELEMENTS elements
+            # unless one row holds more, so OpenBLAS keeps the call on this thread.
+            return _ones(xp, d.shape[0], d.dtype, d) @ d  # (the operator: no Python wrapper)
         return xp.sum(xp.matmul(d, _ones(xp, d.shape[2], d.dtype, d)), axis=0)
 
     def group_sums_of_squares(self, d, overwrite: bool = False):
@@ -361,10 +404,11 @@ class _Grouped:
     def raw_sums(self, bounds):
         """``(sum(x), sum(x * x))`` per group of the block at ``bounds``: the sums around centre 0,
         taken without writing a centred copy of the block (in cache-sized pieces)."""
-        def piece_sums(piece):
+        totals = None
+        for piece in self.pieces(bounds):
             x = self.block(piece)
-            return self.group_sums(x), self.group_sums_of_squares(x)
-        return self._add_pieces(self.pieces(bounds), piece_sums)
+            totals = _added(totals, (self.group_sums(x), self.group_sums_of_squares(x)))
+        return totals
 
     def centred_sums(self, bounds, center):
         """``(sum(d), sum(d * d))`` per group of the block at ``bounds``, ``d = x - center`` with
@@ -372,18 +416,11 @@ class _Grouped:
         xp = self.xp
         center = center if self.flat else center[:, None]
 
-        def piece_sums(piece):
+        totals = None
+        for piece in self.pieces(bounds):
             d = _scratch(xp, self.block_shape(piece), self.acc, self.x)
             _dispatch.binary_into(xp.subtract, self.block(piece), center, d)
-            return self.group_sums(d), self.group_sums_of_squares(d, overwrite=True)
-        return self._add_pieces(self.pieces(bounds), piece_sums)
-
-    def _add_pieces(self, pieces, piece_sums):
-        """Per-group ``piece_sums`` of a block's ``pieces``, added over them in order."""
-        totals = None
-        for piece in pieces:
-            sums = piece_sums(piece)
-            totals = sums if totals is None else tuple(t + s for t, s in zip(totals, sums))
+            totals = _added(totals, (self.group_sums(d), self.group_sums_of_squares(d, overwrite=True)))
         return totals
 
     def sums(self, fn, combine=(True, True)):
@@ -446,12 +483,19 @@ def _zero_centre_serves(mean, var) -> bool:
 
 
 def _near_zero(sum1, sum2, count) -> bool:
-    """:func:`_zero_centre_serves` on the sums around 0 of ``count`` elements per group, without
-    forming mean and variance: ``mean**2 <= limit**2 * var`` is
-    ``(1 + limit**2) * sum1**2 <= limit**2 * count * sum2``."""
+    """A quick guess whether sums around 0 will serve: :func:`_zero_centre_serves` for the groups
+    of a first block *taken together*, from their sums around 0 over ``count`` elements each.
+
+    The groups' mean squared mean at most ``_ZERO_CENTER_LIMIT**2`` times their mean variance is
+    ``(1 + limit**2) * sum(sum1**2) <= limit**2 * count * sum(sum2)``: two reductions and a
+    comparison of Python floats, where a test per group would take half a dozen operations in the
+    thread that is summing (each slow with the caches full of data). It holds whenever every group
+    passes, so data near 0 never stops early; the test per group on the final totals decides.
+    False where the sums hold NaN.
+    """
     xp = _dispatch.namespace(sum1)
     k = _ZERO_CENTER_LIMIT ** 2
-    return bool(xp.all((1 + k) * (sum1 * sum1) <= (k * count) * sum2))
+    return (1 + k) * float(xp.vecdot(sum1, sum1)) <= (k * count) * float(xp.sum(sum2))
 
 
 def _centre_far_off(offset, var) -> bool:
@@ -506,8 +550,9 @@ def moments(x3) -> Moments:
         a0, a1, c0, c1 = bounds
         whole = c1 - c0 == width
         if a0 == 0 and (whole or g.tiles == 1):  # (side-by-side rows fold only as a whole)
-            sum1, sum2 = (g.fold(t) for t in sums)
-            if not _near_zero(sum1, sum2, a1 * g.tiles * l):
+            # the sum of squares over all groups needs no folding
+            sum1 = g.fold(sums[0])
+            if not _near_zero(sum1, sums[1], a1 * g.tiles * l):
                 far.append(sum1 if whole else None)
                 return None
         return sums
@@ -565,31 +610,30 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
             center = None
         else:
             center = g.tile(center)
-    scale, shift = g.tile(scale), g.tile(shift)
+    # per-group vectors shaped to broadcast against a block: (C,) on a flat view, else (C, 1)
+    center, scale, shift = (None if v is None else g.per_group(g.tile(v)) for v in (center, scale, shift))
 
     def block(bounds):
         # A large block (the pool's) goes in cache-sized pieces, so that each piece's second
-        # operation finds it in cache.
+        # operation finds it in cache. (Few Python calls per piece: the other thread's NumPy
+        # calls wait for the GIL while this one runs Python.)
         for piece in g.pieces(bounds):
-            piece_of_block(piece)
-
-    def piece_of_block(bounds):
-        a0, a1, c0, c1 = bounds
-        out = y[a0:a1, c0:c1, ...]
-        # Work in the output when it has the accumulation dtype, else in a scratch block.
-        t = out if g.in_acc else _scratch(xp, g.block_shape(bounds), g.acc, x3)
-        if center is None:
-            _dispatch.binary_into(xp.multiply, g.block(bounds), g.per_group(scale, bounds), t)
-        else:  # subtract first: exact for large means
-            _dispatch.binary_into(xp.subtract, g.block(bounds), g.per_group(center, bounds), t)
-            t *= g.per_group(scale, bounds)
-        t += g.per_group(shift, bounds)
-        if col_scale is not None:
-            t *= col_scale
-        if col_shift is not None:
-            t += col_shift
-        if t is not out:
-            out[...] = xp.astype(t, x3.dtype)
+            a0, a1, c0, c1 = piece
+            out = y[a0:a1, c0:c1, ...]
+            # Work in the output when it has the accumulation dtype, else in a scratch block.
+            t = out if g.in_acc else _scratch(xp, out.shape, g.acc, x3)
+            if center is None:
+                _dispatch.binary_into(xp.multiply, g.block(piece), scale[c0:c1, ...], t)
+            else:  # subtract first: exact for large means
+                _dispatch.binary_into(xp.subtract, g.block(piece), center[c0:c1, ...], t)
+                t *= scale[c0:c1, ...]
+            t += shift[c0:c1, ...]
+            if col_scale is not None:
+                t *= col_scale
+            if col_shift is not None:
+                t += col_shift
+            if t is not out:
+                out[...] = xp.astype(t, x3.dtype)
 
     g.map(block)
     return xp.reshape(y, g.shape)
