@@ -104,6 +104,12 @@ def namespace(*arrays):
 _HOST_TYPES: set = set()
 
 
+def is_host_type(x) -> bool:
+    """True when ``x``'s type only ever lives in host memory and has no autograd (NumPy,
+    array-api-strict), as far as seen so far: a fast path for checks that such arrays pass."""
+    return type(x) in _HOST_TYPES
+
+
 def device_name(x) -> str:
     """``"cpu"`` or ``"cuda:N"``: where ``x`` lives, in PyTorch's spelling."""
     if type(x) in _HOST_TYPES:

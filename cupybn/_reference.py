@@ -455,7 +455,7 @@ class _Grouped:
             if not all(self.map(stored)):
                 return None
             rows = nb * self.tiles
-            total = xp.matmul(_ones(xp, rows, self.acc, store), xp.reshape(store, (k, rows, self.shape[1])))
+            total = _ones(xp, rows, self.acc, store) @ xp.reshape(store, (k, rows, self.shape[1]))
             return [total[j, ...] for j in range(k)]
         per_block = self.map(fn)
         if any(r is None for r in per_block):
@@ -475,15 +475,24 @@ def _mean_var(sum1, sum2, count, zeros):
     return mean, xp.maximum(sum2 / count - mean * mean, zeros)
 
 
-def _zero_centre_serves(mean, var) -> bool:
-    """Whether sums around 0 are accurate: ``|mean| <= _ZERO_CENTER_LIMIT * std`` in every group
-    (False where any is NaN, so non-finite data takes the centred path)."""
-    xp = _dispatch.namespace(mean)
-    return bool(xp.all(mean * mean <= (_ZERO_CENTER_LIMIT ** 2) * var))
+def _around_zero(sum1, sum2, count):
+    """``(mean, var)`` from the sums around 0 of ``count`` elements per group, or None where they
+    are not accurate: unless ``|mean| <= _ZERO_CENTER_LIMIT * std`` in every group (None where any
+    group holds NaN, so non-finite data takes the centred path).
+
+    Where the test passes the variance is non-negative as it stands (``var >= mean**2``): no
+    clipping, two operations fewer than :func:`_mean_var` and a separate test.
+    """
+    xp = _dispatch.namespace(sum1)
+    mean = sum1 / count
+    square = mean * mean
+    var = sum2 / count - square
+    bound = var if _ZERO_CENTER_LIMIT == 1 else (_ZERO_CENTER_LIMIT ** 2) * var
+    return (mean, var) if bool(xp.all(square <= bound)) else None
 
 
 def _near_zero(sum1, sum2, count) -> bool:
-    """A quick guess whether sums around 0 will serve: :func:`_zero_centre_serves` for the groups
+    """A quick guess whether sums around 0 will serve: :func:`_around_zero`'s test for the groups
     of a first block *taken together*, from their sums around 0 over ``count`` elements each.
 
     The groups' mean squared mean at most ``_ZERO_CENTER_LIMIT**2`` times their mean variance is
@@ -528,7 +537,7 @@ def moments(x3) -> Moments:
         def block_sums(bounds):
             n = l * (bounds[1] - bounds[0])
             s1, s2 = g.raw_sums(bounds)
-            if _zero_centre_serves(*_mean_var(s1, s2, n, zeros[bounds[2]:bounds[3]])):
+            if _around_zero(s1, s2, n) is not None:
                 return zeros[bounds[2]:bounds[3]], s1, s2
             center = s1 / n
             return (center,) + g.centred_sums(bounds, center)
@@ -562,12 +571,12 @@ def moments(x3) -> Moments:
         sum1 = far[0] if far[0] is not None else g.fold(g.raw_sums((0, head_rows, 0, width))[0])
         center = sum1 / (head_rows * g.tiles * l)
     else:
-        offset, var = _mean_var(totals[0], totals[1], count, zeros)
-        if _zero_centre_serves(offset, var):
-            return Moments(center=zeros, offset=offset, var=var, count=count, centred=False)
+        mean_var = _around_zero(totals[0], totals[1], count)
+        if mean_var is not None:
+            return Moments(center=zeros, offset=mean_var[0], var=mean_var[1], count=count, centred=False)
         # The first rows were not representative: sum again around the mean just found (within
         # float32 rounding of the true mean, which is all a centre needs).
-        center = offset
+        center = totals[0] / count
     for _ in range(2):
         tiled = g.tile(center)
         totals = g.sums(lambda bounds: g.centred_sums(bounds, tiled[bounds[2]:bounds[3]]))

@@ -54,6 +54,8 @@ def _param(a, like, acc):
     The cast happens on the owner's side first: the input's framework may lack the parameter's
     dtype (array-api-strict has no float16).
     """
+    if type(a) is type(like) and a.dtype == acc and _dispatch.is_host_type(a):
+        return a  # the usual case, a NumPy vector of the accumulation dtype: nothing to do
     a = _dispatch.detached(a)
     if not _dispatch.same_framework(a, like):
         owner = _dispatch.namespace(a)

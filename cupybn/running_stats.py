@@ -98,8 +98,13 @@ class RunningStats:
             mean = _dispatch.convert_like(batch_mean, self.mean)
             var = _dispatch.convert_like(batch_var, self.mean) * (count / (count - 1))
             xp = _dispatch.namespace(self.mean)
-            new_mean = xp.astype((1 - factor) * self.mean + factor * mean, self.mean.dtype, copy=False)
-            new_var = xp.astype((1 - factor) * self.var + factor * var, self.var.dtype, copy=False)
+            new_mean = (1 - factor) * self.mean + factor * mean
+            new_var = (1 - factor) * self.var + factor * var
+            # (compared first: a no-op astype still costs a few Python calls per training step)
+            if new_mean.dtype != self.mean.dtype:
+                new_mean = xp.astype(new_mean, self.mean.dtype)
+            if new_var.dtype != self.var.dtype:
+                new_var = xp.astype(new_var, self.var.dtype)
             self.mean[...] = new_mean
             self.var[...] = new_var
         if tracked is not None:
