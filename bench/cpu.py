@@ -5,7 +5,7 @@ the same data, taking turns (a few calls each, see ``median_ms``) so that a busy
 both alike; each time is the median of ``3 * --repeat`` calls. torch uses its default intra-op
 threads, cupybn its block thread pool. The last line printed is ``worst ratio cupybn/torch: X.XX``.
 
-    python bench/cpu.py [--repeat 15]
+    python bench/cpu.py [--repeat 30]
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def median_ms(fns, repeat: int, burst: int = 3, settle_s: float = 0.01) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args()
     try:
         import torch

@@ -335,3 +335,37 @@ def test_pool_works_in_a_forked_child(monkeypatch):
         os._exit(0 if ok else 1)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_pool_shared_by_concurrent_callers(monkeypatch):
+    """Two user threads mapping at once share the pool's threads: each call returns only once its
+    own blocks are done, whatever the other call's blocks are doing (a call that took the other's
+    end for its own would return with blocks still missing)."""
+    import threading
+    import time
+
+    monkeypatch.setattr(_reference, "_WORKERS", 3)  # two pool threads
+    monkeypatch.setattr(_reference, "_pool", None)
+    monkeypatch.setattr(_reference, "_PARALLEL_MIN_ELEMENTS", 0)
+    blocks = _reference._blocks((10, 3, 1 << 16))
+    slow_done = threading.Event()
+    outcomes = {"slow": set(), "quick": set()}
+
+    def slow():
+        def fn(bounds):
+            time.sleep(0.003)  # keeps a pool thread busy mid-block while the quick calls end
+            return bounds
+        for _ in range(10):
+            outcomes["slow"].add(_reference._map_blocks(fn, blocks, 1 << 30) == blocks)
+        slow_done.set()
+
+    def quick():
+        while not slow_done.is_set():
+            outcomes["quick"].add(_reference._map_blocks(lambda b: b, blocks, 1 << 30) == blocks)
+
+    threads = [threading.Thread(target=slow), threading.Thread(target=quick)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes == {"slow": {True}, "quick": {True}}, outcomes
