@@ -57,6 +57,7 @@ import os
 import queue as _queue
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import array_api_compat
 
@@ -306,16 +307,29 @@ def _settings():
     return (_BLOCK_ELEMENTS, _PARALLEL_MIN_ELEMENTS, _THREADED_BLOCK_MAX, _BLOCKS_PER_WORKER, _WORKERS)
 
 
+class _Layout(NamedTuple):
+    """How :class:`_Grouped` tiles a ``(A, C, L)`` shape (see :func:`_layout`)."""
+
+    flat: bool  # L == 1: the working view drops its last axis
+    tiles: int  # rows laid side by side in the working view
+    grid: tuple  # the working view's shape
+    blocks: tuple  # block bounds (a0, a1, c0, c1) in the working view
+    index: dict  # bounds -> position in blocks
+    row_blocks: bool  # every block spans the whole width
+
+
 @functools.lru_cache(maxsize=64)
-def _layout(shape, row_elements: int, settings):
-    """``(flat, tiles, grid, blocks)`` of :class:`_Grouped` for a ``(A, C, L)`` shape: worked out
-    once per shape, since a training loop sees the same few shapes call after call. ``settings``
-    (see :func:`_settings`) only keys the cache."""
+def _layout(shape, row_elements: int, settings) -> _Layout:
+    """The :class:`_Layout` of a ``(A, C, L)`` shape: worked out once per shape, since a training
+    loop sees the same few shapes call after call. ``settings`` (see :func:`_settings`) only keys
+    the cache."""
     a, c, l = shape
     flat = l == 1
     tiles = _row_tiles(a, c, row_elements) if flat else 1
     grid = (a // tiles, c * tiles, l)
-    return flat, tiles, grid, tuple(_blocks(grid, _block_elements(math.prod(grid))))
+    blocks = tuple(_blocks(grid, _block_elements(math.prod(grid))))
+    return _Layout(flat, tiles, grid, blocks, {b: i for i, b in enumerate(blocks)},
+                   all(c0 == 0 and c1 == grid[1] for _, _, c0, c1 in blocks))
 
 
 def _added(totals, sums):
@@ -339,7 +353,8 @@ class _Grouped:
     def __init__(self, x3, row_elements: int):
         self.xp = _dispatch.namespace(x3)
         self.shape = tuple(x3.shape)
-        self.flat, self.tiles, self.grid, self.blocks = _layout(self.shape, row_elements, _settings())
+        self.layout = _layout(self.shape, row_elements, _settings())
+        self.flat, self.tiles, self.grid, self.blocks = self.layout[:4]
         self.x = self.xp.reshape(x3, self.grid[:2]) if self.flat else x3
         self.acc = accumulation_dtype(self.xp, x3.dtype)
         self.in_acc = x3.dtype == self.acc
@@ -352,7 +367,7 @@ class _Grouped:
         """Per-group sums of the working view, ``(tiles * C,)``, folded to the ``(C,)`` groups."""
         if self.tiles == 1:
             return v
-        return self.xp.matmul(_ones(self.xp, self.tiles, v.dtype, v), self.xp.reshape(v, (self.tiles, self.shape[1])))
+        return _ones(self.xp, self.tiles, v.dtype, v) @ self.xp.reshape(v, (self.tiles, self.shape[1]))
 
     def tile(self, v):
         """A per-group vector ``(C,)`` repeated for the working view's ``tiles * C`` columns."""
@@ -389,7 +404,7 @@ class _Grouped:
             # d is a piece (see pieces): at most _BLOCK_ELEMENTS <= _BLAS_MAX_ELEMENTS elements
             # unless one row holds more, so OpenBLAS keeps the call on this thread.
             return _ones(xp, d.shape[0], d.dtype, d) @ d  # (the operator: no Python wrapper)
-        return xp.sum(xp.matmul(d, _ones(xp, d.shape[2], d.dtype, d)), axis=0)
+        return xp.sum(d @ _ones(xp, d.shape[2], d.dtype, d), axis=0)
 
     def group_sums_of_squares(self, d, overwrite: bool = False):
         """Per-group sums of ``d * d``; overwrites ``d`` only when ``overwrite``, else squares into
@@ -438,14 +453,13 @@ class _Grouped:
         """
         xp = self.xp
         nb, width, k = len(self.blocks), self.grid[1], len(combine)
-        if (all(combine) and k * nb * width <= _BLAS_MAX_ELEMENTS
-                and all(c0 == 0 and c1 == width for _, _, c0, c1 in self.blocks)):
+        if all(combine) and self.layout.row_blocks and k * nb * width <= _BLAS_MAX_ELEMENTS:
             # Row blocks: every result covers every group. Each block stores its results in its
             # own row of one small array (in the thread that made them), and one matrix-vector
             # product adds them over the blocks and the side-by-side rows: few small operations
             # after the pool is done (each costs more there, with the caches full of data).
-            store = xp.empty((k, nb, width), dtype=self.acc, device=array_api_compat.device(self.x))
-            index = {bounds: i for i, bounds in enumerate(self.blocks)}
+            store = _scratch(xp, (k, nb, width), self.acc, self.x)  # every row is written
+            index = self.layout.index
 
             def stored(bounds):
                 results = fn(bounds)
