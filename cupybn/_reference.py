@@ -631,12 +631,9 @@ def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
     y = _dispatch.empty_aligned(xp, g.x.shape, x3.dtype, x3)
     # x * scale + (shift - center * scale) saves a pass but rounds at the size of center * scale:
     # take it only when that is small, so large-mean inputs keep the exact subtraction.
-    if center is not None:
-        if bool(xp.all(xp.abs(center * scale) <= _FOLD_LIMIT)):
-            shift = shift - center * scale
-            center = None
-        else:
-            center = g.tile(center)
+    if center is not None and bool(xp.all(xp.abs(center * scale) <= _FOLD_LIMIT)):
+        shift = shift - center * scale
+        center = None
     # per-group vectors shaped to broadcast against a block: (C,) on a flat view, else (C, 1)
     center, scale, shift = (None if v is None else g.per_group(g.tile(v)) for v in (center, scale, shift))
 
