@@ -50,7 +50,10 @@ def test_centred_data_is_summed_around_zero(backend, dtype, shape, rng, seed, th
 
 @pytest.fixture(params=[False, True], ids=["serial", "threads"])
 def threads(request, monkeypatch):
-    """Run on one thread, or share every array's blocks with the pool (small blocks forced)."""
+    """Run on one thread, or share every array's blocks with the pool (small blocks forced).
+    Small (N, C) inputs take the side-by-side working view of large ones here (the functional
+    tests cover them as they are)."""
+    monkeypatch.setattr(_reference, "_TILE_MIN_ELEMENTS", 0)
     if request.param:
         monkeypatch.setattr(_reference, "_PARALLEL_MIN_ELEMENTS", 0)
     return request.param
@@ -207,6 +210,14 @@ def test_row_tiles(a, c, tiles):
     assert a % tiles == 0 and (tiles == 1 or tiles * c <= 8192)
 
 
+@pytest.mark.parametrize("shape,tiles", [((4096, 512, 1), 16), ((2048, 32, 1), 256), ((2000, 32, 1), 1),
+                                         ((300, 4, 1), 1), ((4096, 512, 3), 1)], ids=str)
+def test_small_inputs_keep_their_rows(shape, tiles):
+    """Rows go side by side only from _TILE_MIN_ELEMENTS elements (below, the repeated vectors
+    and the folding cost more than they save) and only where the view is flat."""
+    assert _reference._layout(shape, 8192, _reference._settings()).tiles == tiles
+
+
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("shape", [(4096, 512), (4097, 33), (300, 7), (6, 9000), (2, 1)], ids=str)
 def test_batch_norm_on_n_c_inputs(cupybn, backend, dtype, shape, rng, seed, monkeypatch):
@@ -214,6 +225,7 @@ def test_batch_norm_on_n_c_inputs(cupybn, backend, dtype, shape, rng, seed, monk
     output and running statistics against the oracle; a second call is bitwise identical."""
     require(backend, dtype)
     monkeypatch.setattr(_reference, "_BLOCK_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(_reference, "_TILE_MIN_ELEMENTS", 0)  # small inputs too
     x64 = make_input(rng, shape, dtype)
     c = shape[1]
     rm, rv = np.zeros(c), np.ones(c)
