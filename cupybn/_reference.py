@@ -458,6 +458,9 @@ class _Grouped:
         """
         xp = self.xp
         nb, width, k = len(self.blocks), self.grid[1], len(combine)
+        if nb == 1:  # nothing to combine (most small inputs)
+            results = fn(self.blocks[0])
+            return None if results is None else [self.fold(r) if add else r for r, add in zip(results, combine)]
         if all(combine) and self.layout.row_blocks and k * nb * width <= _BLAS_MAX_ELEMENTS:
             # Row blocks: every result covers every group. Each block stores its results in its
             # own row of one small array (in the thread that made them), and one matrix-vector
@@ -581,7 +584,8 @@ def moments(x3) -> Moments:
         sums = g.raw_sums(bounds)
         a0, a1, c0, c1 = bounds
         whole = c1 - c0 == width
-        if a0 == 0 and (whole or g.tiles == 1):  # (side-by-side rows fold only as a whole)
+        # (one block: the test on the totals decides at once; side-by-side rows fold only whole)
+        if a0 == 0 and len(g.blocks) > 1 and (whole or g.tiles == 1):
             # the sum of squares over all groups needs no folding
             sum1 = g.fold(sums[0])
             if not _near_zero(sum1, sums[1], a1 * g.tiles * l):
