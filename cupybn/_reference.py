@@ -82,9 +82,9 @@ _BLAS_MAX_ELEMENTS = 1 << 18
 # of 512-2048 (their per-row accumulators then stay in L1; 5% of the whole call, measured).
 _ROW_ELEMENTS = 8192
 _STATS_ROW_ELEMENTS = 2048
-# ... from this many elements: below it the repeated vectors and the folding cost more than NumPy's
-# restarts save ((32, 64): 84 us per training call laid side by side, 70 us as it is; (2048, 64):
-# 143 against 168 us).
+# It lays rows side by side only from this many elements: below, the repeated per-channel vectors
+# and the folding cost more than NumPy's loop restarts save ((32, 64): 84 us per training call side
+# by side, 70 us as it is; (2048, 64): 143 against 168 us).
 _TILE_MIN_ELEMENTS = 1 << 16
 # Rows shorter than this are reduced with an elementwise square rather than a dot product.
 _VECDOT_MIN_LENGTH = 32
