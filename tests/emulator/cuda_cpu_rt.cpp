@@ -6,6 +6,17 @@
 // "core", built from no kernels at all) owns every allocation, the guard pages and the traffic counters, and the
 // other modules reach it through a table of function pointers (cuda_cpu_bind_core), so that arrays can be shared
 // between modules and one fault handler knows every buffer.
+//
+// Signals. The core installs the process's one handler for SIGSEGV/SIGBUS/SIGILL/SIGFPE and the watchdog's
+// SIGUSR2; modules install none. The handler finds the faulting fiber from the interrupted stack pointer in a
+// table of fiber-stack spans that the modules register with the core, and calls that module's callback. So a
+// fault costs the same stack whatever number of modules is loaded, the handler touches no thread_local (which,
+// in a module the thread has not used yet, glibc would allocate with malloc inside the handler), takes no lock
+// and calls nothing that does (the faulting instruction's library is named after the launch, not by dladdr in
+// the handler). Launches run their workers on the emulator's own guarded signal stack, never on one the
+// process installed (CPython's faulthandler keeps its stack in the malloc heap: running past its end there
+// corrupted the heap silently). Memory is never unmapped or reused while a launch runs (alloc and free wait
+// for it), so no mprotect of the launch can land on memory that has been handed to someone else.
 // System headers first: cuda_cpu.h defines __noinline__, which libstdc++ uses as an attribute name.
 #include <algorithm>
 #include <atomic>
@@ -41,6 +52,7 @@ static constexpr size_t kMaxDynSmem = 227 * 1024;  // sm_90 opt-in maximum per b
 static constexpr int kMaxThreads = 1024;
 static constexpr size_t kPage = 4096;
 static constexpr size_t kCanary = 64;  // bytes checked at the bottom of fiber stacks that have no guard page
+static constexpr size_t kAltStack = 128 << 10;  // signal stack of a worker (a frame with AMX state is ~12 KiB)
 
 namespace cuda_cpu {
 namespace detail {
@@ -109,7 +121,8 @@ struct Worker {  // one OS thread executing blocks, one at a time
   char* stack_mem = nullptr;
   size_t stack_mem_bytes = 0, stack_bytes = 0;
   int nstacks = 0, nguarded = 0;
-  char* altstack = nullptr;
+  char* altstack = nullptr;  // kAltStack bytes above a PROT_NONE page (mmap, not the malloc heap)
+  int span = -1;              // this worker's slot in the core's table of fiber-stack spans
   Fiber fibers[kMaxThreads];
   WarpState warps[kMaxThreads / 32];
   int rq[kMaxThreads];
@@ -155,6 +168,10 @@ struct CoreApi {
   void (*phase)();                                                   // grid.sync(): tracked pages count again
   int (*take_guards)(int n);                                         // guard pages for fiber stacks: granted
   void (*give_guards)(int n);
+  void (*install)();                                                 // the process's signal handlers (once)
+  int (*add_span)(uintptr_t lo, uintptr_t hi, void* worker, void (*fn)(void*, uintptr_t, int, siginfo_t*,
+                                                                          ucontext_t*, const char*));
+  void (*remove_span)(int slot);
 };
 static int core_classify(uintptr_t a, int write, char* msg, size_t n);
 static void core_launch_begin();
@@ -162,8 +179,13 @@ static void core_launch_end();
 static void core_phase();
 static int core_take_guards(int n);
 static void core_give_guards(int n);
+using SpanFn = void (*)(void* worker, uintptr_t sp, int sig, siginfo_t* si, ucontext_t* uc, const char* msg);
+static void core_install();
+static int core_add_span(uintptr_t lo, uintptr_t hi, void* worker, SpanFn fn);
+static void core_remove_span(int slot);
 static CoreApi g_local_core = {core_classify, core_launch_begin, core_launch_end, core_phase,
-                                core_take_guards, core_give_guards};
+                                core_take_guards, core_give_guards, core_install, core_add_span,
+                                core_remove_span};
 static const CoreApi* g_core = &g_local_core;
 
 // ------------------------------------------------------------------ global state
@@ -199,18 +221,24 @@ static double now_ns() {
   return ts.tv_sec * 1e9 + ts.tv_nsec;
 }
 
-static void set_error_raw(const char* msg) {  // the first error of a launch wins
+static std::atomic<uintptr_t> g_fault_pc{0};  // instruction of the reported fault, named after the launch
+
+static bool set_error_raw(const char* msg) {  // the first error of a launch wins
   bool expected = false;
   if (g_failed.compare_exchange_strong(expected, true)) {
     strncpy(g_errbuf, msg, sizeof g_errbuf - 1);
     g_errbuf[sizeof g_errbuf - 1] = 0;
+    return true;
   }
+  return false;
 }
 
-static void failf(Worker* W, const Fiber* f, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
-static void failf(Worker* W, const Fiber* f, const char* fmt, ...) {
+// Records the launch's error (the first one wins); returns whether this was it.  Called from signal handlers
+// too: vsnprintf into a stack buffer with %s/%d/%u/%p/%zu formats takes no lock and allocates nothing.
+static bool failf(Worker* W, const Fiber* f, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+static bool failf(Worker* W, const Fiber* f, const char* fmt, ...) {
   if (W) {
-    if (W->error) return;
+    if (W->error) return false;
     W->error = true;
   }
   char msg[2048], full[3072];
@@ -226,7 +254,7 @@ static void failf(Worker* W, const Fiber* f, const char* fmt, ...) {
   } else {
     snprintf(full, sizeof full, "%s", msg);
   }
-  set_error_raw(full);
+  return set_error_raw(full);
 }
 
 // ------------------------------------------------------------------ fibers
@@ -308,8 +336,12 @@ static bool canary_ok(const Fiber* f) {
 // each stack turns an overflow into a clean report, but costs two memory mappings per stack and Linux allows
 // ~65k per process (vm.max_map_count); so guard pages come from a process-wide budget, and stacks beyond it get a
 // canary instead (checked when the block ends).
+static void fiber_signal(void* worker, uintptr_t sp, int sig, siginfo_t* si, ucontext_t* uc, const char* msg);
+
 static void release_stacks(Worker* W) {
   if (!W->stack_mem) return;
+  g_core->remove_span(W->span);  // before the unmap: a stray signal must not find the span any more
+  W->span = -1;
   munmap(W->stack_mem, W->stack_mem_bytes);
   g_core->give_guards(W->nguarded);
   W->stack_mem = nullptr;
@@ -331,10 +363,17 @@ static bool ensure_stacks(Worker* W, int n) {
   for (int i = 0; i < n; ++i) {
     Fiber* f = &W->fibers[i];
     char* base = W->stack_mem + per * i;
-    f->guarded = i < W->nguarded && mprotect(base, kPage, PROT_NONE) == 0;
+    // The lowest page of the mapping is always a guard (beyond the budget too): an unguarded stack then
+    // overflows into its neighbour's, inside this mapping, never into whatever lies below it.
+    f->guarded = (i < W->nguarded || i == 0) && mprotect(base, kPage, PROT_NONE) == 0;
     f->stack_lo = base + kPage;
     f->stack_hi = base + per;
     f->w = W;
+  }
+  W->span = g_core->add_span((uintptr_t)m, (uintptr_t)m + per * n, W, fiber_signal);
+  if (W->span < 0) {  // the handler could not tell this worker's fibers from a crash
+    release_stacks(W);
+    return false;
   }
   return true;
 }
@@ -346,18 +385,32 @@ static Worker* get_worker(int index) {  // single-threaded callers only
     g_workers.push_back(W);
   }
   Worker* W = g_workers[index];
-  if (!W->altstack) W->altstack = (char*)malloc(1 << 16);
+  if (!W->altstack) {
+    void* m = mmap(nullptr, kAltStack + kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m != MAP_FAILED) {
+      mprotect(m, kPage, PROT_NONE);  // running off the end faults instead of overwriting a neighbour
+      W->altstack = (char*)m + kPage;
+    }
+  }
   return W;
 }
 
-static void ensure_altstack(Worker* W) {  // fault handlers must not run on the (overflowed) fiber stack
-  stack_t cur;
-  if (sigaltstack(nullptr, &cur) == 0 && !(cur.ss_flags & SS_DISABLE)) return;  // keep an existing one
+// Signal handlers must not run on the (overflowed) fiber stack, nor on a signal stack the process installed:
+// its size is the installer's guess (CPython's faulthandler: SIGSTKSZ + AT_MINSIGSTKSZ, from the heap).  The
+// worker's own stack is installed for the launch and the previous one restored after it.
+static bool enter_altstack(Worker* W, stack_t* old) {
+  if (!W->altstack) return false;
   stack_t ss;
   ss.ss_sp = W->altstack;
-  ss.ss_size = 1 << 16;
+  ss.ss_size = kAltStack;
   ss.ss_flags = 0;
-  sigaltstack(&ss, nullptr);
+  return sigaltstack(&ss, old) == 0;
+}
+static void leave_altstack(const stack_t* old) {
+  stack_t prev = *old;
+  if (prev.ss_flags & SS_DISABLE) prev.ss_size = 0;
+  prev.ss_flags &= SS_DISABLE;
+  sigaltstack(&prev, nullptr);
 }
 
 // ------------------------------------------------------------------ __shared__ poisoning
@@ -869,7 +922,8 @@ static void worker_main(int index, LaunchCtx* L) {
   W->desc = L->d;
   W->L = L;
   W->resumes = 0;
-  ensure_altstack(W);
+  stack_t old_altstack;
+  const bool own_altstack = enter_altstack(W, &old_altstack);
   locate_tls(W);
   uint64_t nblk = 0;
   if (L->coop) {  // exactly one block per OS thread: all blocks are co-resident
@@ -886,6 +940,7 @@ static void worker_main(int index, LaunchCtx* L) {
   g_stat_resumes += W->resumes;
   g_stat_blocks += nblk;
   tls.worker = nullptr;
+  if (own_altstack) leave_altstack(&old_altstack);
 }
 
 // ------------------------------------------------------------------ memory core: regions, guard pages, traffic
@@ -900,7 +955,9 @@ struct Region {
 static constexpr int kMaxRegions = 16384;
 static Region g_regions[kMaxRegions];
 static std::atomic<int> g_region_hwm{0};
-static std::mutex g_region_mu;
+// Held from launch_begin to launch_end, and by alloc, free and track: the region table, the protections a launch
+// sets and the memory behind them stay as they are while kernels run (a finalizer that frees an array in another
+// thread waits for the launch).
 static std::mutex g_core_launch_mu;
 static int g_track = 0;  // arm the tracked regions at each launch
 static std::atomic<uint64_t> g_stat_faults{0};
@@ -992,16 +1049,93 @@ static void core_launch_end() {
 }
 
 // ------------------------------------------------------------------ fault and watchdog signals
-extern "C" void cc_fault_exit() {  // a faulting fiber is redirected here (on its own stack)
-  Fiber* f = tls.fiber;
+// A fiber that faulted, or that the watchdog interrupted, is redirected here, on its own stack and out of
+// signal context: the fiber arrives in the first argument register (never from a thread_local, which can name
+// another fiber while the scheduler switches).
+extern "C" void cc_fault_exit(Fiber* f) {
   f->w->error = true;
   park_forever(f);
+}
+
+static void redirect_to_exit(Fiber* f, ucontext_t* uc) {
+  uintptr_t sp = ((uintptr_t)f->stack_hi - 512) & ~(uintptr_t)15;
+  uc->uc_mcontext.gregs[REG_RSP] = (greg_t)(sp - 8);
+  uc->uc_mcontext.gregs[REG_RDI] = (greg_t)f;
+  uc->uc_mcontext.gregs[REG_RIP] = (greg_t)(void*)&cc_fault_exit;
+}
+
+// The module's part of a signal that landed on one of its workers' fiber stacks (found by the core from the
+// interrupted stack pointer; see the file comment).  Runs in the signal handler: no thread_local, no lock.
+static void fiber_signal(void* worker, uintptr_t sp, int sig, siginfo_t* si, ucontext_t* uc, const char* found) {
+  Worker* W = static_cast<Worker*>(worker);
+  const size_t per = W->stack_bytes + kPage;  // guard page + stack of one fiber (see ensure_stacks)
+  Fiber* f = &W->fibers[(sp - (uintptr_t)W->stack_mem) / per];
+  if (sig == SIGUSR2) {
+    failf(W, f,
+          "watchdog: launch still running after %lld ms; this thread has not reached a barrier or exited (a "
+          "spin-wait on another block, or on a thread of its own block that cannot run? fibers are not "
+          "preempted, and blocks are co-resident only in cooperative launches or across workers)",
+          g_cfg.timeout_ms);
+    redirect_to_exit(f, uc);
+    return;
+  }
+  const uintptr_t a = (uintptr_t)si->si_addr;
+  const bool write = (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0;
+  char msg[512];
+  if (found && found[0])
+    snprintf(msg, sizeof msg, "%s", found);
+  else if (sig == SIGILL)
+    snprintf(msg, sizeof msg, "illegal instruction (a trap)");
+  else if (sig == SIGFPE)
+    snprintf(msg, sizeof msg, "arithmetic exception (integer division by zero?)");
+  else if (sig == SIGSEGV && a == 0 && si->si_code == SI_KERNEL)
+    snprintf(msg, sizeof msg, "general protection fault (misaligned vector access or wild pointer)");
+  else if (a >= (uintptr_t)f->stack_lo - kPage && a < (uintptr_t)f->stack_lo)
+    snprintf(msg, sizeof msg, "fiber stack overflow (stack %zu bytes; raise stack_kb)", g_cfg.stack_bytes);
+  else
+    snprintf(msg, sizeof msg, "invalid %s at address %p (not inside any emulator buffer)", write ? "write" : "read",
+             (void*)a);
+  // The faulting instruction is named "[pc <library>+0x<offset>]" by run_launch, after the workers are done
+  // (dladdr takes the loader's lock: not in a signal handler).
+  if (failf(W, f, "%s", msg)) g_fault_pc.store((uintptr_t)uc->uc_mcontext.gregs[REG_RIP]);
+  redirect_to_exit(f, uc);
+}
+
+// ---- the core's part: the one handler of the process, and the table of fiber-stack spans it searches.
+struct Span {
+  std::atomic<uintptr_t> lo{0}, hi{0};  // hi == 0: free slot; written last on add, first on remove
+  std::atomic<void*> worker{nullptr};
+  std::atomic<SpanFn> fn{nullptr};
+};
+static constexpr int kMaxSpans = 8192;  // one per worker of every module (a cooperative launch: one per block)
+static Span g_spans[kMaxSpans];
+static std::atomic<int> g_span_hwm{0};
+static std::mutex g_span_mu;
+
+static int core_add_span(uintptr_t lo, uintptr_t hi, void* worker, SpanFn fn) {
+  std::lock_guard<std::mutex> lk(g_span_mu);
+  int hwm = g_span_hwm.load();
+  int slot = 0;
+  while (slot < hwm && g_spans[slot].hi.load()) slot++;
+  if (slot == kMaxSpans) return -1;
+  Span& s = g_spans[slot];
+  s.worker.store(worker);
+  s.fn.store(fn);
+  s.lo.store(lo);
+  s.hi.store(hi, std::memory_order_release);
+  if (slot == hwm) g_span_hwm.store(hwm + 1, std::memory_order_release);
+  return slot;
+}
+static void core_remove_span(int slot) {
+  if (slot < 0) return;
+  std::lock_guard<std::mutex> lk(g_span_mu);
+  g_spans[slot].hi.store(0, std::memory_order_release);
 }
 
 static struct sigaction g_prev_fault[4];
 static struct sigaction g_prev_usr2;
 static const int kFaultSigs[4] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE};
-static bool g_handler_installed = false;
+static std::once_flag g_install_once;
 
 static void chain(const struct sigaction& prev, int sig, siginfo_t* si, void* ucv, bool fatal) {
   if (prev.sa_flags & SA_SIGINFO) {
@@ -1013,81 +1147,58 @@ static void chain(const struct sigaction& prev, int sig, siginfo_t* si, void* uc
   if (fatal) signal(sig, SIG_DFL);  // not ours: returning re-executes the faulting instruction -> default action
 }
 
-static void redirect_to_exit(Fiber* f, ucontext_t* uc) {
-  uintptr_t sp = ((uintptr_t)f->stack_hi - 512) & ~(uintptr_t)15;
-  uc->uc_mcontext.gregs[REG_RSP] = (greg_t)(sp - 8);
-  uc->uc_mcontext.gregs[REG_RIP] = (greg_t)(void*)&cc_fault_exit;
-}
-
-static void on_fault(int sig, siginfo_t* si, void* ucv) {
+// Faults and the watchdog's nudges: a tracked page first touched (traffic counting) is opened and the access
+// retried; a signal whose interrupted stack pointer lies in a registered fiber-stack span (a guard page below a
+// stack included) goes to that module; anything else is not the emulator's and goes to the previous handler
+// (for a fault: CPython's faulthandler, then the default action).
+static void on_signal(int sig, siginfo_t* si, void* ucv) {
   ucontext_t* uc = (ucontext_t*)ucv;
-  const uintptr_t a = (uintptr_t)si->si_addr;
-  const bool write = (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0;
   char msg[512];
   msg[0] = 0;
-  if (sig == SIGSEGV && g_core->classify(a, write, msg, sizeof msg)) return;  // traffic tracking: page now open
-  Fiber* f = tls.fiber;
-  int slot = 0;
-  while (kFaultSigs[slot] != sig) slot++;
-  if (!f) {  // not in one of this module's fibers: another module's, or a genuine crash
-    chain(g_prev_fault[slot], sig, si, ucv, true);
+  if (sig == SIGSEGV &&
+      core_classify((uintptr_t)si->si_addr, (uc->uc_mcontext.gregs[REG_ERR] & 2) != 0, msg, sizeof msg))
     return;
+  const uintptr_t sp = (uintptr_t)uc->uc_mcontext.gregs[REG_RSP];
+  const int hwm = g_span_hwm.load(std::memory_order_acquire);
+  for (int i = 0; i < hwm; ++i) {
+    Span& s = g_spans[i];
+    const uintptr_t hi = s.hi.load(std::memory_order_acquire);
+    if (hi && sp < hi && sp >= s.lo.load()) {
+      s.fn.load()(s.worker.load(), sp, sig, si, uc, msg);
+      return;
+    }
   }
-  if (!msg[0]) {
-    if (sig == SIGILL)
-      snprintf(msg, sizeof msg, "illegal instruction (a trap)");
-    else if (sig == SIGFPE)
-      snprintf(msg, sizeof msg, "arithmetic exception (integer division by zero?)");
-    else if (sig == SIGSEGV && a == 0 && si->si_code == SI_KERNEL)
-      snprintf(msg, sizeof msg, "general protection fault (misaligned vector access or wild pointer)");
-    else if (a >= (uintptr_t)f->stack_lo - kPage && a < (uintptr_t)f->stack_lo)
-      snprintf(msg, sizeof msg, "fiber stack overflow (stack %zu bytes; raise stack_kb)", g_cfg.stack_bytes);
-    else
-      snprintf(msg, sizeof msg, "invalid %s at address %p (not inside any emulator buffer)",
-               write ? "write" : "read", (void*)a);
-  }
-  // Name the faulting instruction as "[pc <library>+0x<offset>]"; the Python side turns it into file:line.
-  const uintptr_t pc = (uintptr_t)uc->uc_mcontext.gregs[REG_RIP];
-  Dl_info info;
-  char where[600] = "";
-  if (dladdr((void*)pc, &info) && info.dli_fname)
-    snprintf(where, sizeof where, " [pc %s+0x%lx]", info.dli_fname, (unsigned long)(pc - (uintptr_t)info.dli_fbase));
-  failf(f->w, f, "%s%s", msg, where);
-  redirect_to_exit(f, uc);
-}
-
-// Watchdog: a fiber that runs too long without reaching a barrier (e.g. spinning on a flag that another block --
-// which can only run after this one -- would set) is interrupted with SIGUSR2 and redirected to the same abort
-// path as a fault.  Every module installs this handler and chains to the previous one, because the signal may
-// target another module's fiber.
-static void on_watchdog(int sig, siginfo_t* si, void* ucv) {
-  Fiber* f = tls.fiber;
-  if (!f) {
+  if (sig == SIGUSR2) {  // lands outside a fiber (the scheduler, a grid barrier): the watchdog nudges again
     chain(g_prev_usr2, sig, si, ucv, false);
     return;
   }
-  failf(f->w, f,
-        "watchdog: launch still running after %lld ms; this thread has not reached a barrier or exited (a "
-        "spin-wait on another block, or on a thread of its own block that cannot run? fibers are not preempted, "
-        "and blocks are co-resident only in cooperative launches or across workers)",
-        g_cfg.timeout_ms);
-  redirect_to_exit(f, (ucontext_t*)ucv);
+  int slot = 0;
+  while (kFaultSigs[slot] != sig) slot++;
+  chain(g_prev_fault[slot], sig, si, ucv, true);
 }
 
-static void install_handler() {
-  if (g_handler_installed) return;
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_sigaction = on_watchdog;
-  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGUSR2, &sa, &g_prev_usr2);
-  memset(&sa, 0, sizeof sa);
-  sa.sa_sigaction = on_fault;
-  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
-  sigemptyset(&sa.sa_mask);
-  for (int i = 0; i < 4; ++i) sigaction(kFaultSigs[i], &sa, &g_prev_fault[i]);
-  g_handler_installed = true;
+static void core_install() {
+  std::call_once(g_install_once, [] {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_signal;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGUSR2, &sa, &g_prev_usr2);
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    for (int i = 0; i < 4; ++i) sigaction(kFaultSigs[i], &sa, &g_prev_fault[i]);
+  });
+}
+
+// Names the faulting instruction of the launch's error as "[pc <library>+0x<offset>]" (the Python side turns
+// it into file:line), out of signal context.
+static void name_fault_pc() {
+  const uintptr_t pc = g_fault_pc.exchange(0);
+  Dl_info info;
+  if (!pc || !dladdr((void*)pc, &info) || !info.dli_fname) return;
+  const size_t n = strlen(g_errbuf);
+  snprintf(g_errbuf + n, sizeof g_errbuf - n, " [pc %s+0x%lx]", info.dli_fname,
+           (unsigned long)(pc - (uintptr_t)info.dli_fbase));
 }
 
 }  // namespace detail
@@ -1098,7 +1209,8 @@ int run_launch(const LaunchDesc& d) {
   std::lock_guard<std::mutex> lk(g_launch_mu);
   g_failed = false;
   g_errbuf[0] = 0;
-  install_handler();
+  g_fault_pc = 0;
+  g_core->install();
   const uint64_t nthreads = (uint64_t)d.block.x * d.block.y * d.block.z;
   const uint64_t nblocks = (uint64_t)d.grid.x * d.grid.y * d.grid.z;
   if (nthreads == 0 || nthreads > (uint64_t)kMaxThreads || d.block.x > 1024 || d.block.y > 1024 || d.block.z > 64 ||
@@ -1199,6 +1311,7 @@ int run_launch(const LaunchDesc& d) {
     for (int i = std::max(1, g_cfg.workers); i < (int)g_workers.size(); ++i) release_stacks(g_workers[i]);
   g_stat_run_ns += t2 - t1;
   g_stat_launches++;
+  if (g_failed) name_fault_pc();
   return g_failed ? 1 : 0;
 }
 
@@ -1259,8 +1372,8 @@ EXPORT void cuda_cpu_bind_core(const void* core) { g_core = core ? (const CoreAp
 // overruns into the unused tail of the last page are not caught).  MAP_NORESERVE: huge, mostly untouched
 // buffers (64-bit indexing tests) cost only the pages a kernel touches.  Fresh pages read as zero.
 EXPORT void* cuda_cpu_alloc(size_t bytes) {
-  std::lock_guard<std::mutex> lk(g_region_mu);
-  install_handler();
+  std::lock_guard<std::mutex> lk(g_core_launch_mu);
+  g_core->install();
   size_t npages = (bytes + kPage - 1) / kPage;
   if (!npages) npages = 1;
   char* m = (char*)mmap(nullptr, (npages + 2) * kPage, PROT_READ | PROT_WRITE,
@@ -1309,7 +1422,7 @@ EXPORT int cuda_cpu_region_info(int region, unsigned long long* out) {
 }
 
 EXPORT void cuda_cpu_free(void* ptr) {
-  std::lock_guard<std::mutex> lk(g_region_mu);
+  std::lock_guard<std::mutex> lk(g_core_launch_mu);
   int i = region_of(ptr);
   if (i < 0) return;
   Region& r = g_regions[i];
@@ -1320,6 +1433,7 @@ EXPORT void cuda_cpu_free(void* ptr) {
 }
 
 EXPORT int cuda_cpu_track(int region, int on) {
+  std::lock_guard<std::mutex> lk(g_core_launch_mu);
   if (region < 0 || region >= g_region_hwm.load() || !g_regions[region].live) return -1;
   g_regions[region].tracked = on;
   return 0;
