@@ -10,7 +10,10 @@ loaded a fault ran past its end and overwrote the heap below it, and the process
 import ctypes
 import gc
 import mmap
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -128,3 +131,45 @@ def test_memory_is_not_unmapped_while_a_launch_runs(bad):
         waited = time.perf_counter() - start
         t.join()
     assert waited > 0.2, "free() returned after %.3f s, while the launch was still running" % waited
+
+
+_SMALL_SIGNAL_STACK_SCRIPT = r"""
+import ctypes, gc, re, sys
+import numpy as np
+import emulator
+# CPython <= 3.10's faulthandler, or one built against a constant SIGSTKSZ: 16 KiB from the malloc heap.
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+class S(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+assert libc.sigaltstack(ctypes.byref(S(libc.malloc(16384), 0, 16384)), None) == 0
+broken, tiny = sys.argv[1], sys.argv[2]
+names = re.findall(r"__global__ void (\w+)\(", open(broken).read())
+bad = emulator.build(broken, ["broken::" + n for n in names])
+bad["broken::stack_overflow"](1, 32, bad.zeros((32,), np.int32), 10)  # a clean launch first: bad's handler
+for i in range(6):                                                      # was then the oldest in the chain
+    m = emulator.build(tiny, ["add"], defines=["OFFSET=%d" % (i + 1)])
+    m["add"](1, 32, m.zeros((32,), np.int32))
+x, out = bad.array(np.ones(1000, np.float32)), bad.zeros((1024,), np.float32)
+for _ in range(3):
+    try:
+        bad["broken::oob_read"](4, 256, x, out, 1000, seed=0)
+        raise SystemExit("no fault reported")
+    except emulator.CudaCpuError:
+        pass
+junk = [bytearray(n) for n in range(1, 20000, 7)]  # the heap in use after the faults
+del junk
+gc.collect()
+print("ok")
+"""
+
+
+def test_faults_leave_a_small_heap_signal_stack_alone(bad, more_modules, tmp_path):
+    """The crash itself: with a 16 KiB signal stack from the heap and six more modules loaded, the old chain of
+    handlers ran ~3 KiB past its end into the heap below it, and the process died later (segmentation fault)."""
+    script = tmp_path / "small_stack.py"
+    script.write_text(_SMALL_SIGNAL_STACK_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(emulator.HERE.parent))
+    r = subprocess.run([sys.executable, str(script), str(BROKEN), str(more_modules[0].source)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
