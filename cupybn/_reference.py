@@ -28,6 +28,17 @@ final sums (at most 1 bit lost, of float32's 24): never the unchecked ``E[x^2] -
   float32 input with mean 1e4 and std 1e-2 keeps all its significant bits. For a constant group
   ``d`` is one repeated value, every sum is exact, and the variance is exactly 0.
 
+Large groups. One float32 sum over millions of elements drifts (a BLAS dot product: 1e-6
+relative error at 1M elements, 8e-6 at 4M), and a centre taken from it can miss a far-off mean by
+hundreds of standard deviations. So rows longer than ``_SEGMENT_ELEMENTS`` (256K) are cut into
+segments, each with its own centre and short sums, combined in float64 (Chan et al.: the
+segments' variances plus the spread of their means); where a block's centre still missed its
+data's mean by more than a standard deviation, its groups are summed once more around the mean
+found. Squares of centred data are summed pairwise (``sum``), not by dot products: data far
+from 0 are coarsely quantized, their squares' low bits far from uniform, and a dot product's long
+float32 runs then round one way. Reductions go through :mod:`._dispatch` where a framework's
+own function is the accurate one (torch: cascade sums, not its matrix-vector products).
+
 The normalize step computes ``(x - m0) * scale + shift`` with ``shift = bias - c * scale``:
 subtracting the centre first keeps large-mean inputs exact. Where ``|m0 * scale|`` is small
 everywhere the centre is folded into the shift, ``x * scale + (shift - m0 * scale)``, one
@@ -92,6 +103,10 @@ _VECDOT_MIN_LENGTH = 32
 # this many standard deviations: cancellation then costs the variance at most log2(1 + limit**2)
 # = 1 bit, against the ~24 of float32 accumulation.
 _ZERO_CENTER_LIMIT = 1.0
+# Longest run of a row that one float32 sum covers (see _segmented_moments): up to 256K
+# elements NumPy's BLAS sums and dot products, torch's cascade sums and NumPy's vecdot stay within
+# 2e-7 relative error (measured), against 1e-6 at 1M elements and 8e-6 at 4M.
+_SEGMENT_ELEMENTS = 1 << 18
 # normalize folds the centre into the shift when |center * scale| stays below this everywhere:
 # the folded form's rounding error is then below 1e-6 of the output's scale.
 _FOLD_LIMIT = 4.0
@@ -372,7 +387,8 @@ class _Grouped:
         """Per-group sums of the working view, ``(tiles * C,)``, folded to the ``(C,)`` groups."""
         if self.tiles == 1:
             return v
-        return _ones(self.xp, self.tiles, v.dtype, v) @ self.xp.reshape(v, (self.tiles, self.shape[1]))
+        return _dispatch.sum_with_ones(self.xp, self.xp.reshape(v, (self.tiles, self.shape[1])),
+                                       _ones(self.xp, self.tiles, v.dtype, v), -2)
 
     def tile(self, v):
         """A per-group vector ``(C,)`` repeated for the working view's ``tiles * C`` columns."""
@@ -408,15 +424,22 @@ class _Grouped:
         if self.flat:
             # d is a piece (see pieces): at most _BLOCK_ELEMENTS <= _BLAS_MAX_ELEMENTS elements
             # unless one row holds more, so OpenBLAS keeps the call on this thread.
-            return _ones(xp, d.shape[0], d.dtype, d) @ d  # (the operator: no Python wrapper)
-        return xp.sum(d @ _ones(xp, d.shape[2], d.dtype, d), axis=0)
+            return _dispatch.sum_with_ones(xp, d, _ones(xp, d.shape[0], d.dtype, d), -2)
+        return xp.sum(_dispatch.sum_with_ones(xp, d, _ones(xp, d.shape[2], d.dtype, d), -1), axis=0)
 
     def group_sums_of_squares(self, d, overwrite: bool = False):
         """Per-group sums of ``d * d``; overwrites ``d`` only when ``overwrite``, else squares into
         the thread's scratch block."""
         xp = self.xp
+        if not self.flat and overwrite:
+            # Centred data far from 0 are coarsely quantized (1e3 +- 1e-2: steps of 0.006 std),
+            # and the low bits of their squares are far from uniform: a dot product's long float32
+            # runs then round one way (2e-5 relative error at 256K elements, measured), where a
+            # pairwise sum of the squares stays at 5e-8.
+            _dispatch.binary_into(xp.multiply, d, d, d)
+            return xp.sum(xp.sum(d, axis=-1), axis=0)
         if not self.flat and d.shape[2] >= _VECDOT_MIN_LENGTH:
-            return xp.sum(xp.vecdot(d, d, axis=-1), axis=0)
+            return xp.sum(_dispatch.sum_of_squares(xp, d), axis=0)
         if self.flat:
             fused = _dispatch.column_sums_of_squares(d)
             if fused is not None:
@@ -481,7 +504,8 @@ class _Grouped:
             if not all(self.map(stored)):
                 return None
             rows = nb * self.tiles
-            total = _ones(xp, rows, self.acc, store) @ xp.reshape(store, (k, rows, self.shape[1]))
+            total = _dispatch.sum_with_ones(xp, xp.reshape(store, (k, rows, self.shape[1])),
+                                            _ones(xp, rows, self.acc, store), -2)
             return [total[j, ...] for j in range(k)]
         per_block = self.map(fn)
         if any(r is None for r in per_block):
@@ -530,7 +554,7 @@ def _near_zero(sum1, sum2, count) -> bool:
     """
     xp = _dispatch.namespace(sum1)
     k = _ZERO_CENTER_LIMIT ** 2
-    return (1 + k) * float(xp.vecdot(sum1, sum1)) <= (k * count) * float(xp.sum(sum2))
+    return (1 + k) * float(_dispatch.sum_of_squares(xp, sum1)) <= (k * count) * float(xp.sum(sum2))
 
 
 def _centre_far_off(offset, var) -> bool:
@@ -543,6 +567,64 @@ def _centre_far_off(offset, var) -> bool:
 
 def moments(x3) -> Moments:
     """Mean and biased variance over axes 0 and 2 of ``x3`` (shape ``(A, C, L)``, ``A*L > 0``).
+
+    Rows longer than ``_SEGMENT_ELEMENTS`` are cut into segments (see :func:`_segmented_moments`);
+    otherwise see :func:`_block_moments`.
+    """
+    if x3.shape[2] > _SEGMENT_ELEMENTS:
+        return _segmented_moments(x3)
+    return _block_moments(x3)
+
+
+def _segmented_moments(x3) -> Moments:
+    """:func:`moments` of a view whose rows are longer than ``_SEGMENT_ELEMENTS``.
+
+    A float32 sum over one long row loses accuracy with its length (BLAS: relative error 1e-6 at
+    1M elements, 8e-6 at 4M), and a group's centre taken from such a sum can miss its mean by
+    hundreds of standard deviations (1e4 +- 1e-2 over 4M elements: the variance came out 10x too
+    large). So each segment ``x3[:, :, i:i+step]`` of at most ``_SEGMENT_ELEMENTS`` per row gets
+    its own moments (around its own centre, every sum short), and the segments are combined in
+    float64 (Chan et al.: the segments' variances plus the spread of their means around the
+    overall mean), which is exact next to float32 however many segments there are. Segments too
+    small to use the thread pool themselves share it.
+    """
+    xp = _dispatch.namespace(x3)
+    a, c, l = x3.shape
+    k = -(-l // _SEGMENT_ELEMENTS)
+    step = -(-l // k)
+    total = a * c * l
+    pooled = a * c * step < _PARALLEL_MIN_ELEMENTS  # (else each segment's own pass uses the pool)
+    parts = _map_blocks(lambda i: _block_moments(x3[:, :, i:i + step]), list(range(0, l, step)),
+                        total if pooled else 0)
+
+    wide, acc = xp.float64, accumulation_dtype(xp, x3.dtype)
+    counts = xp.asarray([float(p.count) for p in parts], dtype=wide, device=array_api_compat.device(x3))[:, None]
+    means = xp.stack([_wide_mean(p, wide) for p in parts])  # (segments, C)
+    variances = xp.stack([xp.astype(p.var, wide) for p in parts])
+    count = a * l
+    mean = xp.sum(counts * means, axis=0) / count
+    spread = means - mean
+    var = xp.sum(counts * (variances + spread * spread), axis=0) / count
+    # float32 centre plus the float64 mean's remainder: the normalize step subtracts the centre
+    # exactly, then the remainder (Inf in a group: the centre is the mean, see Moments.mean)
+    center = xp.astype(mean, acc)
+    offset = xp.astype(mean - xp.astype(center, wide), acc)
+    return Moments(center=center, offset=offset, var=xp.astype(var, acc), count=count)
+
+
+def _wide_mean(m: Moments, wide):
+    """``m.mean`` computed in the dtype ``wide``: ``center + offset`` rounded to float32 would
+    lose the offset's low bits (1e4 +- 1e-2: a tenth of a standard deviation)."""
+    xp = _dispatch.namespace(m.offset)
+    offset = xp.astype(m.offset, wide)
+    if not m.centred:
+        return offset
+    center = xp.astype(m.center, wide)
+    return xp.where(xp.isfinite(center), center + offset, center)
+
+
+def _block_moments(x3) -> Moments:
+    """:func:`moments` of a view whose rows are at most ``_SEGMENT_ELEMENTS`` long.
 
     One pass over memory: each cache-sized block is summed around a provisional centre while it
     is still in cache. The centre is 0 (the block is summed as it is, without writing a centred
@@ -560,16 +642,27 @@ def moments(x3) -> Moments:
     zeros = xp.zeros((c,), dtype=g.acc)
 
     if a == 1:  # every block holds whole groups (the working view is the view itself)
+        centred = []  # appended to when a block is summed around its mean (list.append: atomic)
+
         def block_sums(bounds):
             n = l * (bounds[1] - bounds[0])
             s1, s2 = g.raw_sums(bounds)
             if _around_zero(s1, s2, n) is not None:
                 return zeros[bounds[2]:bounds[3]], s1, s2
+            centred.append(True)
             center = s1 / n
             return (center,) + g.centred_sums(bounds, center)
 
         center, dsum, dsq = g.sums(block_sums, combine=(False, True, True))
         offset, var = _mean_var(dsum, dsq, count, zeros)
+        if centred and _centre_far_off(offset, var):
+            # A float32 sum of values far from 0 can miss their mean by many standard deviations
+            # (1e6 +- 1 over 256K elements: by 30), and the variance then loses ~10 bits to
+            # cancellation: once more around the mean just found (checked only where a block was
+            # centred: data near 0 passed the test on its own sums).
+            center = center + offset
+            dsum, dsq = g.sums(lambda bounds: g.centred_sums(bounds, center[bounds[2]:bounds[3]]))
+            offset, var = _mean_var(dsum, dsq, count, zeros)
         return Moments(center=center, offset=offset, var=var, count=count)
 
     # Every block is summed around 0, and the blocks holding the first rows check that this
