@@ -6,6 +6,11 @@ the same mistake, the message uses it.
 """
 from __future__ import annotations
 
+import numbers
+import operator
+
+import numpy as np
+
 from . import _dispatch
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -68,29 +73,101 @@ def check_same_device(input, a, name: str) -> None:
                          f"{name} is on {da}")
 
 
+def _type_name(value) -> str:
+    t = type(value)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__.split('.')[0]}.{t.__name__}"
+
+
+def check_real(value, name: str) -> float:
+    """``value`` as a float: a Python or NumPy real number (bool included, as torch takes it) or a
+    0-d real array; anything else (a string, None, a 1-element array, complex) is a TypeError."""
+    t = type(value)
+    if t is float or t is int:  # the usual case: one type test, nothing else
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "ndim", None) == 0 and _dispatch.is_array(value) and \
+            dtype_name(value.dtype).startswith(("float", "int", "uint", "bfloat")):
+        return float(value)
+    raise TypeError(f"{name} must be float, not {_type_name(value)}")
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` as a bool: ``True``/``False`` or a NumPy bool; not an int, a string or None (torch's
+    ``argument 'training' must be bool``)."""
+    if value is True or value is False:
+        return value
+    if type(value) is np.bool_:
+        return bool(value)
+    raise TypeError(f"{name} must be bool, not {_type_name(value)}")
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an int >= ``minimum``: a Python or NumPy integer or a 0-d integer array; not a
+    bool, a float or a string (TypeError), and not below ``minimum`` (ValueError)."""
+    if type(value) is not int:
+        if isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be int, not bool")
+        try:
+            value = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{name} must be int, not {_type_name(value)}") from None
+    if value < minimum:
+        what = "positive" if minimum == 1 else "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ValueError(f"{name} must be a {what} integer, got {value}")
+    return value
+
+
 def check_eps(eps, allow_negative: bool = False) -> float:
     """``eps`` as a float; negative values are refused for batch and instance norm."""
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a real number, got {type(eps).__name__}") from None
+    value = check_real(eps, "eps")
     if not allow_negative and not value >= 0:
         raise ValueError(f"eps must be non-negative, got {eps}")
     return value
 
 
 def check_momentum(momentum, allow_none: bool) -> float | None:
-    """``momentum`` as a float in [0, 1] (or None where a cumulative average is meaningful)."""
+    """``momentum`` as a float (or None where a cumulative average is meaningful); a string, None
+    elsewhere or an array of several values is a TypeError."""
     if momentum is None:
         if allow_none:
             return None
         raise TypeError("momentum must be a float; momentum=None (cumulative average) needs "
                         "num_batches_tracked: use a layer or cupybn.RunningStats")
-    try:
-        value = float(momentum)
-    except (TypeError, ValueError):
-        raise TypeError(f"momentum must be a float or None, got {type(momentum).__name__}") from None
-    return value
+    return check_real(momentum, "momentum")
+
+
+def check_writable(a, name: str) -> None:
+    """ValueError unless ``a`` can be updated in place, as running statistics are.
+
+    Read-only: a NumPy array with ``flags.writeable=False`` (a view of a read-only array, a
+    broadcast), a torch tensor that requires grad (or a view of one: torch's batch norm refuses
+    running statistics that require grad), and an inference tensor outside
+    ``torch.inference_mode()``. CuPy arrays are always writable.
+    """
+    if type(a) is np.ndarray:  # the usual case
+        if not a.flags.writeable:
+            raise ValueError(f"{name} is read-only (a NumPy array with flags.writeable=False); "
+                             f"running statistics are updated in place: pass a writable array")
+        return
+    if getattr(a, "requires_grad", False):
+        raise ValueError(f"{name} requires grad; running statistics are updated in place and are "
+                         f"not differentiable: pass a tensor that does not require grad")
+    base = getattr(a, "_base", None)
+    if base is not None and base.requires_grad:
+        raise ValueError(f"{name} is a view of a tensor that requires grad and cannot be updated in "
+                         f"place: pass a tensor that does not require grad")
+    is_inference = getattr(a, "is_inference", None)
+    if is_inference is not None and is_inference():
+        import torch
+
+        if not torch.is_inference_mode_enabled():
+            raise ValueError(f"{name} is an inference tensor (created under torch.inference_mode()), "
+                             f"read-only outside inference mode: pass {name}.clone()")
+    flags = getattr(a, "flags", None)
+    if flags is not None and not getattr(flags, "writeable", True):
+        raise ValueError(f"{name} is read-only (flags.writeable=False); running statistics are "
+                         f"updated in place: pass a writable array")
 
 
 def check_more_than_one_value(values_per_channel: int, shape, spatial: bool = False) -> None:

@@ -190,7 +190,18 @@ def _scratch(xp, shape, dtype, like):
     """
     # the namespace comes first in the key, so dtypes of different frameworks are never compared
     return _cached(("scratch", xp.__name__, dtype, tuple(shape)),
-                   lambda: _dispatch.empty_aligned(xp, tuple(shape), dtype, like))
+                   lambda: _new_scratch(xp, tuple(shape), dtype, like))
+
+
+def _new_scratch(xp, shape, dtype, like):
+    if array_api_compat.is_torch_array(like):
+        import torch
+
+        # never an inference tensor, even when first made under torch.inference_mode(): later
+        # calls outside inference mode write into it again (out=), which torch refuses for one
+        with torch.inference_mode(False):
+            return _dispatch.empty_aligned(xp, shape, dtype, like)
+    return _dispatch.empty_aligned(xp, shape, dtype, like)
 
 
 _ONES: dict = {}

@@ -64,7 +64,14 @@ def _param(a, like, acc):
 
 
 def _wrap_running_stats(running_mean, running_var, momentum) -> RunningStats | None:
-    """The caller's running-stat arrays as :class:`RunningStats` updated in place (or None)."""
+    """The caller's running-stat arrays as :class:`RunningStats` updated in place (or None).
+
+    ``momentum`` is type-checked here, in eval too (as torch's argument parser does); whether
+    ``None`` is allowed and whether the arrays are writable is checked where they would be
+    updated (:meth:`RunningStats.check_update`).
+    """
+    if momentum is not None and type(momentum) is not float:
+        momentum = _checks.check_real(momentum, "momentum")
     if running_mean is None and running_var is None:
         return None
     if running_mean is None or running_var is None:
@@ -101,7 +108,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         - output: same shape and dtype as input
     """
     stats = _wrap_running_stats(running_mean, running_var, momentum)
-    return _batch_norm(input, stats, weight, bias, training, eps)
+    return _batch_norm(input, stats, weight, bias, _checks.check_bool(training, "training"), eps)
 
 
 def _check_channel_norm(x, stats, weight, bias, eps) -> float:
@@ -132,7 +139,7 @@ def _batch_norm(input, stats: RunningStats | None, weight, bias, training: bool,
     x = _as_input(input)
     eps = _check_batch_norm(x, stats, weight, bias, training, eps)
     if training and stats is not None:
-        _checks.check_momentum(stats.momentum, allow_none=stats.count_batches)
+        stats.check_update()  # momentum, writable statistics: before any work
     if _dispatch.route(x) == "gpu":
         return _gpu_kernel("batch_norm_forward")(
             x, None if stats is None else stats.mean, None if stats is None else stats.var,
@@ -153,7 +160,7 @@ def _batch_norm_reference(x, stats: RunningStats | None, weight, bias, training:
     x3 = _channel_stats_view(x)
     if _numel(x) == 0:  # empty batch: nothing to normalize; BatchNorm still counts the call
         if training and stats is not None:
-            stats.update(None, None, 0)
+            stats._update(None, None, 0)
         return xp.empty_like(x), None, None
     if training:
         m = _reference.moments(x3)
@@ -171,7 +178,7 @@ def _batch_norm_reference(x, stats: RunningStats | None, weight, bias, training:
     if not training:
         return y, None, None
     if stats is not None:
-        stats.update(m.mean, m.var, m.count)
+        stats._update(m.mean, m.var, m.count)  # checked up front (check_update)
     return y, m.mean, invstd
 
 
@@ -208,7 +215,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     """
     momentum = 0.0 if momentum is None else momentum
     stats = _wrap_running_stats(running_mean, running_var, momentum)
-    return _instance_norm(input, stats, weight, bias, use_input_stats, eps)
+    return _instance_norm(input, stats, weight, bias,
+                          _checks.check_bool(use_input_stats, "use_input_stats"), eps)
 
 
 @_quiet
@@ -221,9 +229,9 @@ def _instance_norm(input, stats: RunningStats | None, weight, bias, use_input_st
             raise ValueError("running_mean and running_var must be given when use_input_stats=False")
         return _batch_norm(x, stats, weight, bias, False, eps)
     eps = _check_channel_norm(x, stats, weight, bias, eps)
-    if stats is not None:
-        _checks.check_momentum(stats.momentum, allow_none=False)
     _checks.check_more_than_one_value(math.prod(x.shape[2:]), x.shape, spatial=True)
+    if stats is not None:
+        stats.check_update()  # momentum, writable statistics: before any work
     if _dispatch.route(x) == "gpu":
         return _gpu_kernel("instance_norm_forward")(
             x, None if stats is None else stats.mean, None if stats is None else stats.var,
@@ -249,9 +257,9 @@ def _instance_norm_reference(x, stats: RunningStats | None, weight, bias, eps: f
     if bias is not None:
         shift = shift + _per_instance(_param(bias, x, acc), n)
     y = _reference.normalize(x3, m.center, scale, shift)
-    if stats is not None:
-        stats.update(xp.mean(xp.reshape(m.mean, (n, c)), axis=0),
-                     xp.mean(xp.reshape(m.var, (n, c)), axis=0), m.count)
+    if stats is not None:  # checked up front (check_update)
+        stats._update(xp.mean(xp.reshape(m.mean, (n, c)), axis=0),
+                      xp.mean(xp.reshape(m.var, (n, c)), axis=0), m.count)
     return xp.reshape(y, x.shape), m.mean, invstd
 
 
@@ -264,13 +272,27 @@ def _per_instance(vec, n):
 # ----------------------------------------------------------------------------------- layer norm
 
 def _normalized_shape(normalized_shape) -> tuple[int, ...]:
-    if isinstance(normalized_shape, numbers.Integral):
-        return (int(normalized_shape),)
-    try:
-        return tuple(int(s) for s in normalized_shape)
-    except TypeError:
-        raise TypeError(f"normalized_shape must be an int or a sequence of ints, "
-                        f"got {type(normalized_shape).__name__}") from None
+    """``normalized_shape`` as a tuple of non-negative ints: an int (Python or NumPy) or a
+    sequence (tuple, list, ``torch.Size``) of them; strings, floats and bools are a TypeError."""
+    t = type(normalized_shape)
+    if t is int:
+        return (_checks.check_int(normalized_shape, "normalized_shape", 0),)
+    if t is tuple and all(type(s) is int and s >= 0 for s in normalized_shape):
+        return normalized_shape  # the usual case (the layers pass their own tuple)
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        return (_checks.check_int(normalized_shape, "normalized_shape", 0),)
+    if isinstance(normalized_shape, (str, bytes, bool)) or not hasattr(normalized_shape, "__iter__") \
+            or getattr(normalized_shape, "ndim", 1) == 0:
+        raise TypeError(f"normalized_shape must be an int or a tuple of ints, "
+                        f"not {_checks._type_name(normalized_shape)}")
+    shape = []
+    for i, s in enumerate(normalized_shape):
+        if type(s) is not int and (isinstance(s, (bool, float, str, bytes)) or
+                                   not isinstance(s, numbers.Integral)):
+            raise TypeError(f"normalized_shape must be an int or a tuple of ints, but found element "
+                            f"of type {_checks._type_name(s)} at pos {i}")
+        shape.append(_checks.check_int(s, "normalized_shape", 0))
+    return tuple(shape)
 
 
 def _check_layer_norm(x, normalized_shape, weight, bias) -> tuple[int, ...]:
@@ -339,21 +361,34 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         - input: ``(N, C, *)``; weight, bias: ``(C,)``; output: same shape and dtype as input
     """
     x = _as_input(input)
-    if x.ndim < 2:
-        raise ValueError(f"Expected at least 2 dimensions for input tensor but received {x.ndim}")
-    if not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
-        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
-    n, c = x.shape[0], x.shape[1]
-    if c % num_groups != 0:
-        raise ValueError(f"Expected number of channels in input to be divisible by num_groups, but "
-                         f"got input of shape {tuple(x.shape)} and num_groups={num_groups}")
-    _checks.check_vector(weight, "weight", c, x)
-    _checks.check_vector(bias, "bias", c, x)
+    g = _check_group_norm(x, num_groups, weight, bias, forward=True)
     eps = _checks.check_eps(eps, allow_negative=True)
     if _dispatch.route(x) == "gpu":
-        return _gpu_kernel("group_norm_forward")(x, int(num_groups), weight, bias, eps)
+        return _gpu_kernel("group_norm_forward")(x, g, weight, bias, eps)
 
-    return _group_norm_reference(x, int(num_groups), weight, bias, eps)[0]
+    return _group_norm_reference(x, g, weight, bias, eps)[0]
+
+
+def _check_group_norm(x, num_groups, weight, bias, forward: bool) -> int:
+    """``num_groups`` as an int, checked against the input and the affine parameters.
+
+    ``forward``: also torch's check that each group sees more than one value over the batch
+    (``F.group_norm``'s ``_verify_batch_size`` on ``[N * C // G, G, *spatial]``, same message).
+    """
+    if x.ndim < 2:
+        raise ValueError(f"Expected at least 2 dimensions for input tensor but received {x.ndim}")
+    g = num_groups if type(num_groups) is int and num_groups > 0 else \
+        _checks.check_int(num_groups, "num_groups", 1)
+    n, c = x.shape[0], x.shape[1]
+    if c % g != 0:
+        raise ValueError(f"Expected number of channels in input to be divisible by num_groups, but "
+                         f"got input of shape {tuple(x.shape)} and num_groups={g}")
+    if forward and n * (c // g) * math.prod(x.shape[2:]) == 1:
+        size = [n * c // g, g, *x.shape[2:]]
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+    _checks.check_vector(weight, "weight", c, x)
+    _checks.check_vector(bias, "bias", c, x)
+    return g
 
 
 def _group_norm_reference(x, g: int, weight, bias, eps: float):

@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import array_api_compat
 
@@ -85,16 +84,30 @@ def _plain(a):
     return a.detach() if array_api_compat.is_torch_array(a) else a
 
 
-def _entry(fn):
+def _entry(fn=None, *, updates=()):
     """A public entry point: no NumPy floating-point warnings (as :func:`cupybn.functional._quiet`),
-    and torch arguments detached (:func:`_plain`; running statistics still update in place, since
-    a detached tensor shares its storage)."""
+    and torch arguments detached (:func:`_plain`).
+
+    ``updates``: the positions of the arguments updated in place (the running statistics, also
+    accepted by the names ``running_mean`` / ``running_var``). They are passed as given, so that
+    :func:`cupybn._checks.check_writable` sees a tensor that requires grad and refuses it up front,
+    as torch's batch norm does.
+    """
+    if fn is None:
+        return functools.partial(_entry, updates=updates)
     quiet = F._quiet(fn)
+    if not updates:
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return quiet(*(_plain(a) for a in args), **{k: _plain(v) for k, v in kwargs.items()})
+        return wrapper
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return quiet(*(_plain(a) for a in args), **{k: _plain(v) for k, v in kwargs.items()})
-    return wrapper
+    def wrapper_updating(*args, **kwargs):
+        return quiet(*(a if i in updates else _plain(a) for i, a in enumerate(args)),
+                     **{k: v if k in ("running_mean", "running_var") else _plain(v)
+                        for k, v in kwargs.items()})
+    return wrapper_updating
 
 
 def _empty_stats(xp, x, acc):
@@ -153,7 +166,7 @@ def _gpu(name, *args):
 
 # ----------------------------------------------------------------------------------- batch norm
 
-@_entry
+@_entry(updates=(3, 4))
 def native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum=0.1,
                       eps=1e-5):
     """Batch norm forward returning ``(output, save_mean, save_invstd)``, as ATen's ``native_batch_norm``.
@@ -164,15 +177,18 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
     (``(C,)``, accumulation dtype; ``invstd = 0`` for a zero variance with ``eps == 0``); in eval
     they are empty ``(0,)`` arrays.
     """
+    training = _checks.check_bool(training, "training")
+    if momentum is not None and type(momentum) is not float:
+        momentum = _checks.check_real(momentum, "momentum")
     stats = F._wrap_running_stats(running_mean, running_var, momentum)
     x = F._as_input(input)
-    training = bool(training)
     eps = F._check_batch_norm(x, stats, weight, bias, training, eps)
     if training and stats is not None:
-        _checks.check_momentum(stats.momentum, allow_none=False)
+        _checks.check_momentum(momentum, allow_none=False)
+        stats.check_update()  # writable statistics: before any work
     if _dispatch.route(x) == "gpu":
-        return _gpu("native_batch_norm", x, weight, bias, running_mean, running_var, training,
-                    momentum, eps)
+        return _gpu("native_batch_norm", x, weight, bias, _plain(running_mean), _plain(running_var),
+                    training, momentum, eps)
     xp = _dispatch.namespace(x)
     acc = _reference.accumulation_dtype(xp, x.dtype)
     y, mean, invstd = F._batch_norm_reference(x, stats, weight, bias, training, eps)
@@ -229,7 +245,7 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
     """
     x = F._as_input(input)
     mask = _mask(output_mask)
-    train = bool(train)
+    train = _checks.check_bool(train, "train")
     if x.ndim < 2:
         raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
     c = x.shape[1]
@@ -257,7 +273,7 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
 
 # -------------------------------------------------------------------------------- instance norm
 
-@_entry
+@_entry(updates=(3, 4))
 def native_instance_norm(input, weight, bias, running_mean, running_var, use_input_stats=True,
                          momentum=0.1, eps=1e-5):
     """Instance norm forward returning ``(output, save_mean, save_invstd)``.
@@ -268,7 +284,8 @@ def native_instance_norm(input, weight, bias, running_mean, running_var, use_inp
     means 0). Without ``use_input_stats`` it is :func:`native_batch_norm` in eval (empty saved
     statistics).
     """
-    momentum = 0.0 if momentum is None else momentum
+    use_input_stats = _checks.check_bool(use_input_stats, "use_input_stats")
+    momentum = 0.0 if momentum is None else _checks.check_real(momentum, "momentum")
     stats = F._wrap_running_stats(running_mean, running_var, momentum)
     x = F._as_input(input)
     if not use_input_stats:
@@ -276,14 +293,14 @@ def native_instance_norm(input, weight, bias, running_mean, running_var, use_inp
             raise ValueError("running_mean and running_var must be given when use_input_stats=False")
         return native_batch_norm(x, weight, bias, running_mean, running_var, False, momentum, eps)
     eps = F._check_channel_norm(x, stats, weight, bias, eps)
-    if stats is not None:
-        _checks.check_momentum(stats.momentum, allow_none=False)
     n, c = x.shape[0], x.shape[1]
     spatial = math.prod(x.shape[2:])
     _checks.check_more_than_one_value(spatial, x.shape, spatial=True)
+    if stats is not None:
+        stats.check_update()  # momentum, writable statistics: before any work
     if _dispatch.route(x) == "gpu":
-        return _gpu("native_instance_norm", x, weight, bias, running_mean, running_var, True,
-                    momentum, eps)
+        return _gpu("native_instance_norm", x, weight, bias, _plain(running_mean),
+                    _plain(running_var), True, momentum, eps)
     xp = _dispatch.namespace(x)
     acc = _reference.accumulation_dtype(xp, x.dtype)
     y, mean, invstd = F._instance_norm_reference(x, stats, weight, bias, eps)
@@ -410,20 +427,6 @@ def layer_norm_backward(grad_output, input, normalized_shape, mean, rstd, weight
 
 # ----------------------------------------------------------------------------------- group norm
 
-def _check_group_norm(x, num_groups, weight, bias):
-    if x.ndim < 2:
-        raise ValueError(f"Expected at least 2 dimensions for input tensor but received {x.ndim}")
-    if not isinstance(num_groups, numbers.Integral) or num_groups <= 0:
-        raise ValueError(f"num_groups must be a positive integer, got {num_groups!r}")
-    c = x.shape[1]
-    if c % num_groups != 0:
-        raise ValueError(f"Expected number of channels in input to be divisible by num_groups, but "
-                         f"got input of shape {tuple(x.shape)} and num_groups={num_groups}")
-    _checks.check_vector(weight, "weight", c, x)
-    _checks.check_vector(bias, "bias", c, x)
-    return int(num_groups)
-
-
 @_entry
 def native_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """Group norm forward returning ``(output, mean, rstd)``; ``mean`` / ``rstd`` are ``(N, num_groups)``.
@@ -432,7 +435,7 @@ def native_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     sizes dropped and :func:`cupybn.group_norm`'s argument order.
     """
     x = F._as_input(input)
-    grp = _check_group_norm(x, num_groups, weight, bias)
+    grp = F._check_group_norm(x, num_groups, weight, bias, forward=True)
     eps = _checks.check_eps(eps, allow_negative=True)
     if _dispatch.route(x) == "gpu":
         return _gpu("native_group_norm", x, grp, weight, bias, eps)
@@ -456,7 +459,7 @@ def group_norm_backward(grad_output, input, mean, rstd, weight, num_groups,
     """
     x = F._as_input(input)
     mask = _mask(output_mask)
-    grp = _check_group_norm(x, num_groups, weight, None)
+    grp = F._check_group_norm(x, num_groups, weight, None, forward=False)
     g = _grad_output(grad_output, x)
     if _dispatch.route(x) == "gpu":
         return _gpu("group_norm_backward", g, x, mean, rstd, weight, grp, mask)

@@ -1,9 +1,7 @@
 """Running statistics with PyTorch's update rule, usable on their own or owned by a layer."""
 from __future__ import annotations
 
-import numbers
-
-from . import _device, _dispatch
+from . import _checks, _device, _dispatch
 
 
 class RunningStats:
@@ -44,8 +42,9 @@ class RunningStats:
 
     def __init__(self, num_features: int, momentum: float | None = 0.1, *, device=None, dtype=None,
                  count_batches: bool = True):
-        if not isinstance(num_features, numbers.Integral) or num_features < 0:
-            raise ValueError(f"num_features must be a non-negative integer, got {num_features!r}")
+        num_features = _checks.check_int(num_features, "num_features", 0)
+        momentum = _checks.check_momentum(momentum, allow_none=True)
+        count_batches = _checks.check_bool(count_batches, "count_batches")
         xp = _device.namespace_for(device)
         dtype = _device.parse_dtype(dtype)
         with _device.on(device):
@@ -76,13 +75,43 @@ class RunningStats:
         if self.num_batches_tracked is not None:
             self.num_batches_tracked[...] = 0
 
+    def check_update(self) -> None:
+        """Raise unless :meth:`update` can run to the end: ``momentum`` a float (or None with
+        ``count_batches``) and every array it writes writable (:func:`cupybn._checks.check_writable`).
+
+        Callers that compute the batch statistics themselves call this before that work and then
+        :meth:`_update`, so a call that fails leaves the state exactly as it was.
+        """
+        m = self.momentum
+        if type(m) is not float:
+            self.momentum = _checks.check_momentum(m, allow_none=self.count_batches)
+        _checks.check_writable(self.mean, "running_mean")
+        _checks.check_writable(self.var, "running_var")
+        if self.count_batches:
+            _checks.check_writable(self.num_batches_tracked, "num_batches_tracked")
+
     def update(self, batch_mean, batch_var, count: int) -> None:
         """Fold one batch's per-channel ``batch_mean`` and biased ``batch_var`` into the state.
 
         ``count`` is the number of values behind each statistic (``N * spatial`` for batch norm);
         it must be 0 (an empty batch: only the counter moves) or more than 1. The statistics may
-        come from another framework on the same device; they are read through DLPack.
+        come from another framework on the same device; they are read through DLPack. Everything
+        is checked before anything is written: a call that raises changes nothing.
         """
+        self.check_update()
+        if type(count) is not int:
+            count = _checks.check_int(count, "count", 0)
+        if count > 0:
+            c = tuple(self.mean.shape)
+            for a, name in ((batch_mean, "batch_mean"), (batch_var, "batch_var")):
+                _checks.check_floating(a, name)
+                if tuple(a.shape) != c:
+                    raise ValueError(f"{name} must have shape {c} (one value per channel), "
+                                     f"got shape {tuple(a.shape)}")
+        self._update(batch_mean, batch_var, count)
+
+    def _update(self, batch_mean, batch_var, count: int) -> None:
+        """:meth:`update` after :meth:`check_update` (and with statistics of the right shape)."""
         if count == 1:
             raise ValueError("running statistics need more than 1 value per channel "
                              "(the unbiased variance divides by count - 1)")
@@ -105,6 +134,7 @@ class RunningStats:
                 new_mean = xp.astype(new_mean, self.mean.dtype)
             if new_var.dtype != self.var.dtype:
                 new_var = xp.astype(new_var, self.var.dtype)
+            # every value is computed and every array checked writable: the writes cannot fail
             self.mean[...] = new_mean
             self.var[...] = new_var
         if tracked is not None:
@@ -114,8 +144,9 @@ class RunningStats:
         """Update from a batch ``x`` of shape ``(N, C, *)``: statistics over every axis but 1."""
         from .functional import batch_norm_statistics
 
+        self.check_update()
         mean, var, count = batch_norm_statistics(x, self)
-        self.update(mean, var, count)
+        self._update(mean, var, count)
 
     def to(self, device) -> "RunningStats":
         """Move the arrays to ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:N"``); returns ``self``."""

@@ -15,10 +15,14 @@
 * :func:`convert`: swaps every ``torch.nn`` norm in a model for the cupybn one.
 
 Running statistics follow torch exactly, because the modules keep torch's bookkeeping:
-``momentum=None`` is the cumulative average ``1 / num_batches_tracked`` (counted before the
-update, as torch does), InstanceNorm never counts batches and reads ``momentum=None`` as 0, eval
+``momentum=None`` is the cumulative average ``1 / num_batches_tracked`` (this batch included, as
+torch does), InstanceNorm never counts batches and reads ``momentum=None`` as 0, eval
 mode normalizes with the running statistics when they are tracked, and
-``track_running_stats=False`` uses batch statistics in both modes.
+``track_running_stats=False`` uses batch statistics in both modes. One difference, the error
+contract of API.md ("stricter than torch"): a call that raises changes nothing, so
+``num_batches_tracked`` is incremented only after the forward has succeeded (torch increments
+it first), and arguments of the wrong type (``training="no"``, ``momentum="0.1"``) are a
+``TypeError`` naming the argument.
 
 Where the work runs: CPU tensors use cupybn's array-API reference path, in torch. CUDA tensors go
 to cupybn's GPU path, which has no ``native_*`` forward / backward kernels yet: they raise
@@ -31,7 +35,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from . import native
+from . import _checks, native
+from . import functional as _F
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -134,15 +139,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """Differentiable ``torch.nn.functional.batch_norm`` computed by cupybn (running stats in place)."""
     if momentum is None:
         momentum = 0.0  # torch's functional form does the same: the module computes the factor
-    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, bool(training),
-                                    momentum, eps)
+    return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                    _checks.check_bool(training, "training"), momentum, eps)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5):
     """Differentiable ``torch.nn.functional.instance_norm`` computed by cupybn."""
     momentum = 0.0 if momentum is None else momentum
-    if not use_input_stats:
+    if not _checks.check_bool(use_input_stats, "use_input_stats"):
         return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False,
                                         momentum, eps)
     return _InstanceNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
@@ -150,30 +155,39 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Differentiable ``torch.nn.functional.layer_norm`` computed by cupybn."""
-    if isinstance(normalized_shape, int):
-        normalized_shape = (normalized_shape,)
-    return _LayerNormFunction.apply(input, tuple(normalized_shape), weight, bias, eps)
+    return _LayerNormFunction.apply(input, _F._normalized_shape(normalized_shape), weight, bias, eps)
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     """Differentiable ``torch.nn.functional.group_norm`` computed by cupybn."""
-    return _GroupNormFunction.apply(input, int(num_groups), weight, bias, eps)
+    return _GroupNormFunction.apply(input, _checks.check_int(num_groups, "num_groups", 1), weight,
+                                    bias, eps)
 
 
 # ---------------------------------------------------------------------------------- modules
 
 def _batch_norm_forward(self, input):
-    """``torch.nn.modules.batchnorm._BatchNorm.forward`` with cupybn doing the math."""
+    """``torch.nn.modules.batchnorm._BatchNorm.forward`` with cupybn doing the math.
+
+    Unlike torch, ``num_batches_tracked`` is incremented after the call succeeds: a call that
+    raises changes nothing (API.md, "Errors"). The cumulative factor is the same as torch's:
+    ``1 / (num_batches_tracked + 1)``, the count this call brings it to.
+    """
     self._check_input_dim(input)
     factor = 0.0 if self.momentum is None else self.momentum
-    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+    count = self.training and self.track_running_stats and self.num_batches_tracked is not None
+    if count:
+        _checks.check_writable(self.num_batches_tracked, "num_batches_tracked")
+        if self.momentum is None:
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0)
     bn_training = self.training or (self.running_mean is None and self.running_var is None)
     keep = not self.training or self.track_running_stats
-    return batch_norm(input, self.running_mean if keep else None,
-                      self.running_var if keep else None, self.weight, self.bias, bn_training,
-                      factor, self.eps)
+    out = batch_norm(input, self.running_mean if keep else None,
+                     self.running_var if keep else None, self.weight, self.bias, bn_training,
+                     factor, self.eps)
+    if count:
+        self.num_batches_tracked.add_(1)
+    return out
 
 
 class BatchNorm1d(nn.BatchNorm1d):

@@ -7,8 +7,11 @@ layers, so state dicts move between cupybn and torch layers in both directions.
 """
 from __future__ import annotations
 
-from .. import _device, _dispatch
+from .. import _checks, _device, _dispatch
 from ..running_stats import RunningStats
+
+
+_REAL_DTYPES = ("float", "bfloat", "int", "uint", "bool")  # dtypes a state dict value may have
 
 
 class NormModule:
@@ -104,19 +107,31 @@ class NormModule:
         if strict and (missing or unexpected):
             raise KeyError(f"Error(s) in loading state_dict for {type(self).__name__}: "
                            f"missing keys {missing}, unexpected keys {unexpected}")
+        # Every key is checked and converted before anything is written: a load that fails
+        # leaves the layer exactly as it was.
         copies = {}
         for key, target in own.items():
             if key not in given:
                 continue
             value = given[key]
-            shape = tuple(getattr(value, "shape", ()))
-            if shape != tuple(target.shape):
-                raise ValueError(f"size mismatch for {key}: copying a param with shape {shape} from "
-                                 f"checkpoint, the shape in current model is {tuple(target.shape)}.")
             if not _dispatch.is_array(value):
                 import numpy as np
 
-                value = np.asarray(value)
+                try:
+                    value = np.asarray(value)
+                except (TypeError, ValueError) as exc:
+                    raise TypeError(f"While copying the parameter named \"{key}\", expected an "
+                                    f"array or a number from checkpoint, got {type(value).__name__}: "
+                                    f"{exc}") from None
+            dtype = _checks.dtype_name(value.dtype)
+            if not dtype.startswith(_REAL_DTYPES):
+                raise TypeError(f"While copying the parameter named \"{key}\", expected a real-valued "
+                                f"array from checkpoint, got dtype {dtype}")
+            shape = tuple(value.shape)
+            if shape != tuple(target.shape):
+                raise ValueError(f"size mismatch for {key}: copying a param with shape {shape} from "
+                                 f"checkpoint, the shape in current model is {tuple(target.shape)}.")
+            _checks.check_writable(target, key)
             copies[key] = _device.copy_into_state(value, target)
         for key, value in copies.items():  # in place, as torch does: views of the state stay valid
             own[key][...] = value

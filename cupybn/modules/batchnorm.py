@@ -1,8 +1,7 @@
 """BatchNorm1d/2d/3d (and the shared base of the instance norms), as in ``torch.nn``."""
 from __future__ import annotations
 
-import numbers
-
+from .. import _checks
 from .. import functional as F
 from ..running_stats import RunningStats
 from ._module import NormModule
@@ -14,10 +13,14 @@ class _NormBase(NormModule):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, bias: bool = True, count_batches: bool = True):
+        num_features = _checks.check_int(num_features, "num_features", 0)
+        eps = _checks.check_real(eps, "eps")
+        momentum = _checks.check_momentum(momentum, allow_none=True)
+        affine = _checks.check_bool(affine, "affine")
+        track_running_stats = _checks.check_bool(track_running_stats, "track_running_stats")
+        bias = _checks.check_bool(bias, "bias")
         super().__init__(device, dtype)
-        if not isinstance(num_features, numbers.Integral) or num_features < 0:
-            raise ValueError(f"num_features must be a non-negative integer, got {num_features!r}")
-        self.num_features = int(num_features)
+        self.num_features = num_features
         self.eps = eps
         self._momentum = momentum
         self.affine = affine
@@ -35,6 +38,7 @@ class _NormBase(NormModule):
 
     @momentum.setter
     def momentum(self, value):
+        value = _checks.check_momentum(value, allow_none=True)
         self._momentum = value
         if self._stats is not None:
             self._stats.momentum = self._stats_momentum(value)

@@ -1,8 +1,7 @@
 """LayerNorm and GroupNorm, as in ``torch.nn``."""
 from __future__ import annotations
 
-import numbers
-
+from .. import _checks
 from .. import functional as F
 from ._module import NormModule
 
@@ -25,8 +24,12 @@ class LayerNorm(NormModule):
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device=None, dtype=None):
+        normalized_shape = F._normalized_shape(normalized_shape)
+        eps = _checks.check_real(eps, "eps")
+        elementwise_affine = _checks.check_bool(elementwise_affine, "elementwise_affine")
+        bias = _checks.check_bool(bias, "bias")
         super().__init__(device, dtype)
-        self.normalized_shape = F._normalized_shape(normalized_shape)
+        self.normalized_shape = normalized_shape
         self.eps = eps
         self.elementwise_affine = elementwise_affine
         self.weight = self._new_parameter(self.normalized_shape, 1.0) if elementwise_affine else None
@@ -59,14 +62,16 @@ class GroupNorm(NormModule):
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device=None, dtype=None, *, bias: bool = True):
-        super().__init__(device, dtype)
-        for value, name in ((num_groups, "num_groups"), (num_channels, "num_channels")):
-            if not isinstance(value, numbers.Integral) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        num_groups = _checks.check_int(num_groups, "num_groups", 1)
+        num_channels = _checks.check_int(num_channels, "num_channels", 1)
         if num_channels % num_groups != 0:
             raise ValueError("num_channels must be divisible by num_groups")
-        self.num_groups = int(num_groups)
-        self.num_channels = int(num_channels)
+        eps = _checks.check_real(eps, "eps")
+        affine = _checks.check_bool(affine, "affine")
+        bias = _checks.check_bool(bias, "bias")
+        super().__init__(device, dtype)
+        self.num_groups = num_groups
+        self.num_channels = num_channels
         self.eps = eps
         self.affine = affine
         self.weight = self._new_parameter((self.num_channels,), 1.0) if affine else None
