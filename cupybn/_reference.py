@@ -732,21 +732,34 @@ def inverse_std(var, eps, zero_for_zero_var: bool):
     return invstd
 
 
-def normalize(x3, center, scale, shift, col_scale=None, col_shift=None):
+def normalize(x3, center, scale, shift, col_scale=None, col_shift=None, torch_eval=False):
     """``y = ((x - center) * scale + shift) * col_scale + col_shift`` over a ``(A, C, L)`` view.
 
     ``center`` (None for 0), ``scale``, ``shift`` have shape ``(C,)`` (one value per group of axis 1);
     ``col_scale`` / ``col_shift`` (layer norm's elementwise affine) have shape ``(L,)`` or are
     ``None``. Arithmetic runs in the accumulation dtype; the result has ``x3``'s dtype and shape.
+
+    ``torch_eval`` (batch norm in eval): a group whose ``center * scale`` is not finite (a running
+    variance of 0 with ``eps == 0`` makes ``scale`` infinite) is computed as torch's eval kernel
+    computes every group, ``x * scale + (shift - center * scale)``: ``(x - center) * inf`` would
+    give ``-inf, NaN, inf`` below, at and above the mean where torch gives NaN wherever
+    ``x * inf`` meets a ``shift - center * inf`` of the other sign, or ``0 * inf``.
     """
     g = _Grouped(x3, _ROW_ELEMENTS)
     xp = g.xp
     y = _dispatch.empty_aligned(xp, g.x.shape, x3.dtype, x3)
     # x * scale + (shift - center * scale) saves a pass but rounds at the size of center * scale:
     # take it only when that is small, so large-mean inputs keep the exact subtraction.
-    if center is not None and bool(xp.all(xp.abs(center * scale) <= _FOLD_LIMIT)):
-        shift = shift - center * scale
-        center = None
+    if center is not None:
+        folded = center * scale
+        if bool(xp.all(xp.abs(folded) <= _FOLD_LIMIT)):  # the usual case: one test, all folded
+            shift = shift - folded
+            center = None
+        elif torch_eval:  # only where the test failed: fold the groups with a non-finite product
+            odd = ~xp.isfinite(folded)
+            if bool(xp.any(odd)):
+                shift = xp.where(odd, shift - folded, shift)
+                center = xp.where(odd, xp.zeros_like(center), center)  # x - 0 is x, exactly
     # per-group vectors shaped to broadcast against a block: (C,) on a flat view, else (C, 1)
     center, scale, shift = (None if v is None else g.per_group(g.tile(v)) for v in (center, scale, shift))
 

@@ -174,7 +174,8 @@ def _batch_norm_reference(x, stats: RunningStats | None, weight, bias, training:
     shift = xp.zeros_like(scale) if bias is None else _param(bias, x, acc)
     if offset is not None:
         shift = shift - offset * scale
-    y = xp.reshape(_reference.normalize(x3, center, scale, shift), x.shape)
+    # eval: torch's x * alpha + beta where the scale or centre is not finite (see normalize)
+    y = xp.reshape(_reference.normalize(x3, center, scale, shift, torch_eval=not training), x.shape)
     if not training:
         return y, None, None
     if stats is not None:

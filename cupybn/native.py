@@ -47,7 +47,10 @@ Conventions:
   framework. ``grad_weight`` is returned when asked for even if ``weight`` is None (the gradient
   a weight of ones would get); ``grad_bias`` likewise.
 * With ``eps == 0`` a batch-/instance-norm group of variance 0 has ``invstd = 0`` (ATen's rule):
-  its ``grad_input`` is 0.
+  its ``grad_input`` is 0. In eval (running statistics) a running variance of 0 with ``eps == 0``
+  gives ``invstd = inf`` and torch's values: ``grad_input = dy * invstd * weight``, ``grad_weight =
+  sum(dy * (x - mean)) * invstd`` (NaN where the sum is 0); instance norm sums ``grad_weight`` per
+  sample first, as ATen (opposite signs give NaN).
 * An empty input gives an empty ``grad_input`` and zero ``grad_weight`` / ``grad_bias``.
 
 CPU inputs (NumPy, torch CPU, array-api-strict) run the array-API reference backward in
@@ -317,12 +320,14 @@ def instance_norm_backward(grad_output, input, weight, running_mean, running_var
     """``(grad_input, grad_weight, grad_bias)`` of instance norm (see :func:`native_instance_norm`).
 
     With ``use_input_stats`` the forward's ``save_mean`` / ``save_invstd`` (``(N*C,)``) are used;
-    otherwise this is :func:`batch_norm_backward` with ``train=False`` (running statistics).
+    otherwise :func:`batch_norm_backward` with ``train=False`` (running statistics), except that
+    ``grad_weight`` / ``grad_bias`` are summed per sample first (see
+    :func:`_instance_norm_eval_backward`).
     ``grad_weight`` / ``grad_bias`` are ``(C,)``: the per-instance sums added over the batch.
     """
     if not use_input_stats:
-        return batch_norm_backward(grad_output, input, weight, running_mean, running_var,
-                                   save_mean, save_invstd, False, eps, output_mask)
+        return _instance_norm_eval_backward(grad_output, input, weight, running_mean, running_var,
+                                            eps, output_mask)
     x = F._as_input(input)
     mask = _mask(output_mask)
     eps = F._check_channel_norm(x, None, weight, None, eps)
@@ -347,6 +352,50 @@ def instance_norm_backward(grad_output, input, weight, running_mean, running_var
             sxh = xp.sum(xp.reshape(sxh, (n, c)), axis=0)
         if mask[2]:
             sdy = xp.sum(xp.reshape(sdy, (n, c)), axis=0)
+    return (dx,
+            _as(xp, sxh, _grad_dtype(xp, weight, x)) if mask[1] else None,
+            _as(xp, sdy, _grad_dtype(xp, weight, x)) if mask[2] else None)
+
+
+def _instance_norm_eval_backward(grad_output, input, weight, running_mean, running_var, eps,
+                                 output_mask):
+    """Instance norm on running statistics: batch norm's eval backward, except that ``grad_weight``
+    is summed per sample, as in ATen (batch norm on the ``(1, N*C, *)`` view with the weight
+    repeated per sample): ``sum_n(sum(dy * (x - mean)) * invstd)``. That is batch norm's
+    ``sum(dy * (x - mean)) * invstd`` up to rounding, but not with ``invstd = inf`` (a running
+    variance of 0 with ``eps == 0``): samples whose sums have opposite signs give ``inf + -inf =
+    NaN``, where the total's sign would give +-inf. ``grad_input`` does not depend on it."""
+    x = F._as_input(input)
+    mask = _mask(output_mask)
+    if x.ndim < 2:
+        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+    c = x.shape[1]
+    _checks.check_vector(weight, "weight", c, x)
+    eps = _checks.check_eps(eps)
+    g = _grad_output(grad_output, x)
+    if _dispatch.route(x) == "gpu":
+        return _gpu("instance_norm_backward", g, x, weight, running_mean, running_var, None, None,
+                    False, eps, mask)
+    dx = batch_norm_backward(g, x, weight, running_mean, running_var, None, None, False, eps,
+                             (mask[0], False, False))[0]
+    if not (mask[1] or mask[2]):
+        return dx, None, None
+    xp = _dispatch.namespace(x)
+    acc = _reference.accumulation_dtype(xp, x.dtype)
+    n = x.shape[0]
+    if F._numel(x) == 0:
+        sxh = sdy = xp.zeros((c,), dtype=acc, device=_device(x))
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required when use_input_stats=False")
+        mean = _stat(running_mean, "running_mean", c, x, acc)
+        invstd = 1.0 / xp.sqrt(_stat(running_var, "running_var", c, x, acc) + eps)
+        spatial = math.prod(x.shape[2:])
+        sdy, sxh = _reference.grad_sums(xp.reshape(g, (1, n * c, spatial)),
+                                        xp.reshape(x, (1, n * c, spatial)),
+                                        F._per_instance(mean, n), F._per_instance(invstd, n))
+        sxh = xp.sum(xp.reshape(sxh, (n, c)), axis=0)
+        sdy = xp.sum(xp.reshape(sdy, (n, c)), axis=0)
     return (dx,
             _as(xp, sxh, _grad_dtype(xp, weight, x)) if mask[1] else None,
             _as(xp, sdy, _grad_dtype(xp, weight, x)) if mask[2] else None)

@@ -52,10 +52,11 @@ class _BatchNormFunction(torch.autograd.Function):
     """Batch norm (and instance norm on running statistics): cupybn forward and backward."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps):
+    def forward(ctx, input, weight, bias, running_mean, running_var, training, momentum, eps,
+                instance=False):
         out, save_mean, save_invstd = native.native_batch_norm(
             input, weight, bias, running_mean, running_var, training, momentum, eps)
-        ctx.training, ctx.eps = training, eps
+        ctx.training, ctx.eps, ctx.instance = training, eps, instance
         if training:
             ctx.save_for_backward(input, weight, save_mean, save_invstd)
         else:  # copies: a later training call may update the buffers before this backward runs
@@ -70,10 +71,13 @@ class _BatchNormFunction(torch.autograd.Function):
         if ctx.training:
             grads = native.batch_norm_backward(grad_output, input, weight, None, None, a, b, True,
                                                ctx.eps, mask)
+        elif ctx.instance:  # grad_weight summed per sample, as ATen's instance norm
+            grads = native.instance_norm_backward(grad_output, input, weight, a, b, None, None,
+                                                  False, ctx.eps, mask)
         else:
             grads = native.batch_norm_backward(grad_output, input, weight, a, b, None, None, False,
                                                ctx.eps, mask)
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 class _InstanceNormFunction(torch.autograd.Function):
@@ -149,7 +153,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     momentum = 0.0 if momentum is None else momentum
     if not _checks.check_bool(use_input_stats, "use_input_stats"):
         return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False,
-                                        momentum, eps)
+                                        momentum, eps, True)
     return _InstanceNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
 
 

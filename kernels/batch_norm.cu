@@ -13,6 +13,8 @@
 //     scale  = (1 / sqrt(running_var[c] + eps)) * weight[c]      (weight None -> 1)
 //     shift  = bias[c]                                           (bias None -> 0)
 //
+// except where center * scale is not finite (see channel_affine: torch's x * scale + (shift -
+// center * scale) then, as torch's NaN rule for a zero running variance with eps == 0 needs),
 // and in training (kStats == kInvStd) `var_or_invstd` already holds 1/sqrt(var + eps) from the
 // statistics kernel (kernels/moments.cu), `mean` the batch mean rounded to acc_t<T> and `offset`
 // the exact remainder (batch mean - mean), folded into the shift:
@@ -72,6 +74,19 @@ __device__ __forceinline__ ChannelAffine<A> channel_affine(index_t c, const S* _
   a.scale = weight != nullptr ? mul_rn(invstd, convert<A>(__ldg(weight + c))) : invstd;
   a.shift = bias != nullptr ? convert<A>(__ldg(bias + c)) : A(0);
   if (offset != nullptr) a.shift = sub_rn(a.shift, mul_rn(convert<A>(__ldg(offset + c)), a.scale));
+  if (kStats == kRunningVar) {
+    // torch's eval kernel computes x * scale + (shift - center * scale) for every channel. With
+    // finite values that is the subtract-first form up to rounding, but not where center * scale
+    // is inf or NaN (a running variance of 0 with eps == 0 makes scale inf): there torch gives
+    // NaN wherever x * inf meets an infinite constant of the other sign, or 0 * inf, where
+    // (x - center) * inf gives -inf / NaN / inf by x's side of the mean. Such a channel takes
+    // torch's form (x - 0 is x exactly). Once per channel per thread, outside the row loop.
+    const A folded = mul_rn(a.center, a.scale);
+    if (!is_finite(folded)) {
+      a.shift = sub_rn(a.shift, folded);
+      a.center = A(0);
+    }
+  }
   return a;
 }
 

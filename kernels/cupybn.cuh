@@ -104,6 +104,13 @@ __device__ __forceinline__ double widen(float a) {
 __device__ __forceinline__ bool is_zero(float a) { return (__float_as_uint(a) & 0x7fffffffu) == 0u; }
 __device__ __forceinline__ bool is_zero(double a) { return a == 0.0; }
 
+// x is neither inf nor NaN, on the bits (exponent not all ones): no float compare for -ftz or
+// fast-math to change.
+__device__ __forceinline__ bool is_finite(float a) { return (__float_as_uint(a) & 0x7f800000u) != 0x7f800000u; }
+__device__ __forceinline__ bool is_finite(double a) {
+  return ((unsigned long long)__double_as_longlong(a) & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
+}
+
 // 1 / sqrt(var + eps) of a group; with zero_var_rule (batch and instance norm, ATen's rule) 0 when
 // var == 0 and eps == 0. Layer and group norm use the plain formula (any eps, even negative).
 template <typename A>

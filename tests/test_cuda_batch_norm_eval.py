@@ -4,8 +4,10 @@ planner -> emulator launcher -> kernels/batch_norm.cu, compared with two NumPy o
 
 * the *kernel arithmetic* in the accumulation dtype (float32, or float64 for float64 input):
   ``invstd = 1/sqrt(var + eps)``, ``(x - mean) * (invstd * w) + b``, each operation rounded, then
-  rounded to the output dtype. The kernel must match it bit for bit (the emulator computes IEEE
-  float like NumPy; on a GPU the kernel pins every operation with the same rounding);
+  rounded to the output dtype (``x * (invstd * w) + (b - mean * invstd * w)``, torch's form, in a
+  channel where ``mean * invstd * w`` is not finite: tests/test_eval_nan_rule.py). The kernel must
+  match it bit for bit (the emulator computes IEEE float like NumPy; on a GPU the kernel pins every
+  operation with the same rounding);
 * the float64 formula, within a bound derived from the accumulation precision.
 
 Also: 1 launch per call, x read once and y written once (page-granular traffic counters).
@@ -113,7 +115,14 @@ def kernel_arithmetic(x, p, eps, x_dtype, use_weight=True, use_bias=True):
         invstd = acc(1) / np.sqrt(p["var"].astype(acc) + acc(eps))
         scale = invstd * p["weight"].astype(acc) if use_weight else invstd
         shift = p["bias"].astype(acc) if use_bias else np.zeros_like(invstd)
-        t = (x.astype(acc) - p["mean"].astype(acc).reshape(bc)) * scale.reshape(bc) + shift.reshape(bc)
+        center = p["mean"].astype(acc)
+        # torch's x * scale + (shift - center * scale) where center * scale is not finite (a zero
+        # running variance with eps == 0): its NaN rule, not (x - center) * inf
+        folded = center * scale
+        odd = ~np.isfinite(folded)
+        shift = np.where(odd, shift - folded, shift)
+        center = np.where(odd, acc(0), center)
+        t = (x.astype(acc) - center.reshape(bc)) * scale.reshape(bc) + shift.reshape(bc)
     return round_output(t, x_dtype)
 
 

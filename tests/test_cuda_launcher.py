@@ -366,6 +366,7 @@ class _FakeCupy:
 
     ndarray = np.ndarray
     uint16, uint32, float32 = np.uint16, np.uint32, np.float32
+    broadcast_to, where = staticmethod(np.broadcast_to), staticmethod(np.where)
 
     class cuda:  # noqa: N801 - mirrors cupy.cuda
         @staticmethod

@@ -542,7 +542,90 @@ def instance_norm_backward(grad_output, input, weight, running_mean, running_var
     from . import planner
 
     if not use_input_stats:
-        raise NotImplementedError("instance_norm_backward without use_input_stats goes through batch_norm_backward")
+        return _instance_norm_eval_backward(grad_output, input, weight, running_mean, running_var, eps, output_mask)
     w_d = None if weight is None else _dtype_name(weight)
     return _groups_backward(grad_output, input, planner.instance_norm_layout, save_mean, save_invstd, weight,
                             lambda x: w_d or x, lambda x: w_d or x, output_mask, lambda s: s[1])
+
+
+def _instance_norm_eval_backward(grad_output, input, weight, running_mean, running_var, eps, output_mask):
+    """Instance norm on running statistics (``use_input_stats=False``), backward.
+
+    ``grad_input`` is batch norm's eval ``dy * invstd * weight`` (:func:`batch_norm_backward`).
+    ``grad_weight`` / ``grad_bias`` are summed per sample first, as ATen computes them (batch norm on
+    the ``(1, N*C, *)`` view, weight repeated per sample): ``sum_n(sum(dy * (x - mean)) * invstd)``.
+    With ``invstd = inf`` (running variance 0, ``eps == 0``) samples of opposite signs give NaN where
+    batch norm's per-channel total gives +-inf. So the reduction launch runs on the ``(1, N*C, L)``
+    view with the running statistics repeated per sample (accumulation dtype), and the ``(N, C)``
+    results are added over the batch here (one small CuPy reduction). A rare path: batch norm's
+    own backward keeps its two launches.
+    """
+    _require_cupy()
+    from . import interop, planner
+    from .launchers import cupy_launcher
+
+    mask = tuple(bool(m) for m in output_mask)
+    dx = None
+    if mask[0]:
+        dx = batch_norm_backward(grad_output, input, weight, running_mean, running_var, None, None, False, eps,
+                                 (True, False, False))[0]
+    if not (mask[1] or mask[2]):
+        return dx, None, None
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when use_input_stats=False")
+    launcher = cupy_launcher()
+    with interop.input_stream(input):
+        import cupy
+
+        x, x_dtype, g = _input_and_grad(input, grad_output)
+        acc = planner.accumulation_dtype(x_dtype)
+        n, c = int(x.shape[0]), int(x.shape[1])
+        spatial = math.prod(int(s) for s in x.shape[2:])
+        stats = []
+        for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+            arr, d = interop.as_cupy(a, name)
+            if arr.size != c:
+                raise ValueError(f"{name} must have {c} values, got shape {tuple(arr.shape)}")
+            arr = interop.cast(interop.contiguous(arr).reshape(c), d, acc)
+            stats.append(planner.Operand.of(cupy.ascontiguousarray(cupy.broadcast_to(arr, (n, c))).reshape(n * c),
+                                            acc))
+        per = {k: cupy.empty((n * c,), dtype=acc) if m else None for k, m in (("gw", mask[1]), ("gb", mask[2]))}
+        if x.size == 0:
+            for a in per.values():
+                if a is not None:
+                    a.fill(0)
+        else:
+            view = (1, n * c, spatial)
+            plan = planner.plan_batch_norm_backward(
+                planner.Operand.of(g.reshape(view), x_dtype), planner.Operand.of(x.reshape(view), x_dtype), None,
+                stats[0], stats[1], False, None,
+                None if per["gw"] is None else planner.Operand.of(per["gw"], acc),
+                None if per["gb"] is None else planner.Operand.of(per["gb"], acc), None, eps,
+                device=launcher.device_info())
+            launcher.launch(plan)
+        w, w_dtype = interop.as_cupy(weight, "weight")
+        p = w_dtype if w is not None else x_dtype
+        out = [None if a is None else _narrow(a.reshape(n, c).sum(axis=0), acc, p) for a in per.values()]
+    if p == "bfloat16" and interop_framework(input) == "torch":
+        import torch
+
+        return (dx, *(None if a is None else torch.from_dlpack(a).view(torch.bfloat16) for a in out))
+    return (dx, *(None if a is None else _native_vector(input, a) for a in out))
+
+
+def _narrow(a, acc, p):
+    """An accumulation-dtype CuPy vector as dtype ``p``'s storage, rounded to nearest even
+    (bfloat16 by hand on the bits, as kernels/cupybn.cuh's conversion: CuPy has no bfloat16)."""
+    import cupy
+
+    from . import planner
+
+    if p == acc:
+        return a
+    if p != "bfloat16":
+        return a.astype(planner.storage_dtype(p))
+    f = a.astype(cupy.float32)
+    u = f.view(cupy.uint32)
+    rounded = ((u + cupy.uint32(0x7FFF) + ((u >> 16) & cupy.uint32(1))) >> 16).astype(cupy.uint16)
+    quiet = ((u >> 16) | cupy.uint32(0x40)).astype(cupy.uint16)  # NaN stays a (quiet) NaN
+    return cupy.where((u & cupy.uint32(0x7FFFFFFF)) > cupy.uint32(0x7F800000), quiet, rounded)
