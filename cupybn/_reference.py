@@ -126,12 +126,23 @@ class _Pool:
 
     def __init__(self, n: int):
         self._tasks = _queue.SimpleQueue()
-        for i in range(n):
-            threading.Thread(target=self._serve, name=f"cupybn-{i}", daemon=True).start()
+        self.threads = [threading.Thread(target=self._serve, name=f"cupybn-{i}", daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def close(self) -> None:
+        """End the threads once the work already handed over is done, and wait for them."""
+        for _ in self.threads:
+            self._tasks.put(None)
+        for t in self.threads:
+            t.join()
 
     def _serve(self):
         while True:
-            fn, done = self._tasks.get()
+            task = self._tasks.get()
+            if task is None:
+                return
+            fn, done = task
             try:
                 fn()
             except BaseException as exc:  # the caller raises it

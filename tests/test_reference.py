@@ -48,6 +48,17 @@ def test_centred_data_is_summed_around_zero(backend, dtype, shape, rng, seed, th
     _check(m, x64, dtype, seed, "near 0")
 
 
+@pytest.fixture
+def own_pool(monkeypatch):
+    """A pool of the test's own (made on first use, after the test has set ``_WORKERS``), closed
+    afterwards: a test that swapped pools used to leave the old one's threads idle for the rest of
+    the run (nine ``cupybn-N`` threads on a 2-CPU machine)."""
+    monkeypatch.setattr(_reference, "_pool", None)
+    yield
+    if _reference._pool is not None:
+        _reference._pool.close()
+
+
 @pytest.fixture(params=[False, True], ids=["serial", "threads"])
 def threads(request, monkeypatch):
     """Run on one thread, or share every array's blocks with the pool (small blocks forced).
@@ -278,14 +289,13 @@ def test_column_sums_of_squares(rng, has_torch):
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_map_blocks_keeps_block_order(workers, monkeypatch):
+def test_map_blocks_keeps_block_order(workers, monkeypatch, own_pool):
     """Results come back in block order whichever thread took which block; with the pool, the
     caller and the pool's threads share the blocks."""
     import threading
     import time
 
     monkeypatch.setattr(_reference, "_WORKERS", workers)
-    monkeypatch.setattr(_reference, "_pool", None)
     monkeypatch.setattr(_reference, "_PARALLEL_MIN_ELEMENTS", 0)
     blocks = _reference._blocks((10, 3, 1 << 16))
 
@@ -300,10 +310,9 @@ def test_map_blocks_keeps_block_order(workers, monkeypatch):
     assert len(threads) == workers
 
 
-def test_map_blocks_raises_after_every_thread_is_done(monkeypatch):
+def test_map_blocks_raises_after_every_thread_is_done(monkeypatch, own_pool):
     """An error in one block reaches the caller; no pool thread is left writing results."""
     monkeypatch.setattr(_reference, "_WORKERS", 2)
-    monkeypatch.setattr(_reference, "_pool", None)
     monkeypatch.setattr(_reference, "_PARALLEL_MIN_ELEMENTS", 0)
     blocks = _reference._blocks((10, 3, 1 << 16))
 
@@ -360,7 +369,7 @@ def test_pool_works_in_a_forked_child(monkeypatch):
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
-def test_pool_shared_by_concurrent_callers(monkeypatch):
+def test_pool_shared_by_concurrent_callers(monkeypatch, own_pool):
     """Two user threads mapping at once share the pool's threads: each call returns only once its
     own blocks are done, whatever the other call's blocks are doing (a call that took the other's
     end for its own would return with blocks still missing)."""
@@ -368,7 +377,6 @@ def test_pool_shared_by_concurrent_callers(monkeypatch):
     import time
 
     monkeypatch.setattr(_reference, "_WORKERS", 3)  # two pool threads
-    monkeypatch.setattr(_reference, "_pool", None)
     monkeypatch.setattr(_reference, "_PARALLEL_MIN_ELEMENTS", 0)
     blocks = _reference._blocks((10, 3, 1 << 16))
     slow_done = threading.Event()
@@ -392,3 +400,18 @@ def test_pool_shared_by_concurrent_callers(monkeypatch):
     for t in threads:
         t.join()
     assert outcomes == {"slow": {True}, "quick": {True}}, outcomes
+
+
+def test_closed_pool_leaves_no_thread(monkeypatch, own_pool):
+    """close() ends every thread of a pool, after the work it was handed."""
+    import threading
+
+    monkeypatch.setattr(_reference, "_WORKERS", 3)
+    monkeypatch.setattr(_reference, "_PARALLEL_MIN_ELEMENTS", 0)
+    blocks = _reference._blocks((10, 3, 1 << 16))
+    assert _reference._map_blocks(lambda b: b, blocks, 1 << 30) == blocks
+    pool = _reference._pool
+    assert len(pool.threads) == 2 and all(t.is_alive() for t in pool.threads)
+    pool.close()
+    assert not any(t.is_alive() for t in pool.threads)
+    assert not any(t in threading.enumerate() for t in pool.threads)
