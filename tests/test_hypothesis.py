@@ -229,3 +229,48 @@ def test_layers_match_oracle(cupybn, c):
             assert_close(layer.running_mean, orc.running_mean, "float32", "running_mean " + info, k=3)
             assert_close(layer.running_var, orc.running_var, "float32", "running_var " + info, k=3)
             assert int(layer.num_batches_tracked) == orc.num_batches_tracked, info
+
+
+@st.composite
+def large_cases(draw):
+    """One or two groups of 1K-1M float32 elements, near 0 or far from it next to their spread."""
+    kind = draw(st.sampled_from(["batch", "instance", "layer", "group"]))
+    group = draw(st.integers(1 << 10, 1 << 20))  # elements per group
+    two = draw(st.booleans())
+    if kind == "layer":
+        shape, arg = (1 + two, group), (group,)
+    elif kind == "group":
+        per = draw(st.sampled_from([1, 3]))  # channels per group
+        shape, arg = (1, (1 + two) * per, max(2, group // per)), 1 + two
+    elif kind == "instance":
+        shape, arg = (1, 1 + two, group), None
+    else:
+        n = draw(st.sampled_from([1, 2, 7]))
+        shape, arg = (n, 1 + two, max(2, group // n)), None
+    return dict(kind=kind, backend=draw(st.sampled_from([b for b in AVAILABLE if b != "strict"])), shape=shape,
+                arg=arg, mean=draw(st.sampled_from([0.0, 3.0, -1e3, 1e4])), std=draw(st.sampled_from([1e-2, 1.0])),
+                seed=draw(st.integers(0, 2 ** 32 - 1)))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(c=large_cases())
+def test_large_groups_match_oracle(cupybn, c):
+    """Groups of up to a million elements: float32 outputs within 4 ulps (at the output's largest
+    magnitude) of the float64 oracle on the same values, whatever the group size (issue 12)."""
+    rng = np.random.default_rng(c["seed"])
+    kind, shape, arg = c["kind"], c["shape"], c["arg"]
+    x64 = (c["mean"] + c["std"] * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32).astype(np.float64)
+    x = to_backend(x64, c["backend"], "float32")
+    if kind == "layer":
+        y, ye = cupybn.layer_norm(x, arg), oracle.layer_norm(x64, arg)
+    elif kind == "group":
+        y, ye = cupybn.group_norm(x, arg), oracle.group_norm(x64, arg)
+    elif kind == "instance":
+        y, ye = cupybn.instance_norm(x), oracle.instance_norm(x64, None, None, None, None, True, 0.1, 1e-5)[0]
+    else:
+        y = cupybn.batch_norm(x, None, None, training=True)
+        ye = oracle.batch_norm(x64, None, None, None, None, True, 0.1, 1e-5)[0]
+    err = float(np.max(np.abs(to_f64(y) - ye)))
+    tol = 4 * float(np.spacing(np.float32(np.max(np.abs(ye)))))
+    assert err <= tol, f"max error {err:.3g} > 4 ulps ({tol:.3g}): case={c}"
