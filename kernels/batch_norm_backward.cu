@@ -116,10 +116,13 @@ __global__ void __launch_bounds__(kBackwardThreads)
   const int split = (int)(blockIdx.x - slot * (unsigned int)splits);
   const index_t c = (index_t)slot;
 
-  GradSums<A> s;
-  s.dy = A(0);
-  s.dyx = A(0);
-  s.xm = A(0);
+  GradSums<A> zero;
+  zero.dy = A(0);
+  zero.dyx = A(0);
+  zero.xm = A(0);
+  // blocked sums (cupybn.cuh): with many huge channels a thread adds tens of thousands of
+  // elements, and one float chain that long loses much of the cancelling sums
+  Blocked<GradSums<A>> acc = blocked_empty(zero);
   const A m = convert<A>(__ldg(mean + c));
   {
     const index_t per_row = (L + V - 1) / V;
@@ -140,10 +143,11 @@ __global__ void __launch_bounds__(kBackwardThreads)
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const A d = k < n ? sub_rn(v[k], m) : A(0);
-        s.dy = add_rn(s.dy, g[k]);
-        s.dyx = add_rn(s.dyx, mul_rn(g[k], d));
-        s.xm = add_rn(s.xm, d);
+        acc.cur.dy = add_rn(acc.cur.dy, g[k]);
+        acc.cur.dyx = add_rn(acc.cur.dyx, mul_rn(g[k], d));
+        acc.cur.xm = add_rn(acc.cur.xm, d);
       }
+      blocked_step(acc, GradSumsOp(), zero);  // per vector: runs of kFoldBlock * V elements
       a += step_a;
       j += step_j;
       if (j >= per_row) {
@@ -152,10 +156,7 @@ __global__ void __launch_bounds__(kBackwardThreads)
       }
     }
   }
-  GradSums<A> zero;
-  zero.dy = A(0);
-  zero.dyx = A(0);
-  zero.xm = A(0);
+  GradSums<A> s = blocked_result(acc, GradSumsOp());
   s = block_reduce(s, GradSumsOp(), zero, scratch);  // valid in thread 0
 
   if (splits > 1) {
@@ -170,14 +171,14 @@ __global__ void __launch_bounds__(kBackwardThreads)
     }
     if (!last_block_to_arrive(counters + slot, (unsigned int)splits, &is_last, tid == 0)) return;  // uniform
     if (tid < 32) {
-      GradSums<A> acc = zero;
+      GradSums<A> fold = zero;
       const index_t first = (index_t)slot * splits;
       for (int k = tid; k < splits; k += 32) {
-        acc.dy = add_rn(acc.dy, __ldcg(ws_dy + first + k));
-        acc.dyx = add_rn(acc.dyx, __ldcg(ws_dyx + first + k));
-        acc.xm = add_rn(acc.xm, __ldcg(ws_xm + first + k));
+        fold.dy = add_rn(fold.dy, __ldcg(ws_dy + first + k));
+        fold.dyx = add_rn(fold.dyx, __ldcg(ws_dyx + first + k));
+        fold.xm = add_rn(fold.xm, __ldcg(ws_xm + first + k));
       }
-      s = warp_reduce(acc, GradSumsOp());  // fixed order: lane k takes lane k + delta
+      s = warp_reduce(fold, GradSumsOp());  // fixed order: lane k takes lane k + delta
     }
     if (tid == 0) counters[slot] = 0u;  // every ticket of this group is drawn: reset for the next launch
   }

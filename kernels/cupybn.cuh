@@ -290,6 +290,58 @@ __device__ __forceinline__ void welford_push_vector(Welford<A>& w, const A (&v)[
   w = welford_combine(w, b);
 }
 
+// ------------------------------------------------------------------------------------ blocked accumulation
+//
+// A thread that folds thousands of items into one running state (a Welford state, a float sum)
+// rounds every fold against a total that keeps growing while the items stay small, so the error
+// of a chain of k folds grows like k (sqrt(k) at best), and with coarse data (float32 at a large
+// mean: a few distinct values per standard deviation) the roundings do not even average out.
+// Measured in the emulator on one 2^24-element float32 group (mean 1, std 1e-6): 8192 vectors
+// per thread (the long fused path, moments_forward with >= 1024 such groups) put 8.6e-6 of
+// relative error into the variance, against ~1e-7 for 16 vectors per thread.
+//
+// Blocked<S> keeps every chain short: items go into `cur`; every kFoldBlock items `cur` is
+// combined into `mid` (and cleared), every kFoldBlock of those `mid` into `total`. Each state is
+// combined only with states of a similar size (Chan's formula for Welford: each block centred on
+// its own mean), the chains are at most kFoldBlock long up to kFoldBlock^3 items per thread, and a
+// thread with at most kFoldBlock items gets bitwise the result of one plain chain (combining with
+// an empty state returns the other side unchanged). The per-item work is one counter increment
+// and a rarely taken branch.
+constexpr int kFoldBlock = 64;
+
+template <typename S>
+struct Blocked {
+  S cur, mid, total;
+  int cur_items, mid_blocks;
+};
+
+template <typename S>
+__device__ __forceinline__ Blocked<S> blocked_empty(const S& identity) {
+  Blocked<S> b;
+  b.cur = b.mid = b.total = identity;
+  b.cur_items = b.mid_blocks = 0;
+  return b;
+}
+
+// Call after folding one item into b.cur.
+template <typename S, typename Op>
+__device__ __forceinline__ void blocked_step(Blocked<S>& b, Op op, const S& identity) {
+  if (++b.cur_items < kFoldBlock) return;
+  b.mid = op(b.mid, b.cur);
+  b.cur = identity;
+  b.cur_items = 0;
+  if (++b.mid_blocks < kFoldBlock) return;
+  b.total = op(b.total, b.mid);
+  b.mid = identity;
+  b.mid_blocks = 0;
+}
+
+// Everything folded so far (the largest part first).
+template <typename S, typename Op>
+__device__ __forceinline__ S blocked_result(const Blocked<S>& b, Op op) {
+  return op(op(b.total, b.mid), b.cur);
+}
+
 // Reduction operators for warp_reduce / block_reduce.
 struct SumOp {
   template <typename V>

@@ -201,6 +201,9 @@ __global__ void __launch_bounds__(kRegisters ? kWarpBlockThreads : kFusedThreads
       }
     }
   } else if (real) {
+    // blocked (cupybn.cuh): on the long path a thread folds up to L / (512 V) vectors (8192 for a
+    // 2^24-element float32 group), and one Welford chain that long drifts
+    Blocked<Welford<A>> acc = blocked_empty(welford_empty<A>());
     for (index_t u = lane; u < per_row; u += team_size) {
       const int n = vector_count<V>(L, u);
       A v[V];
@@ -209,8 +212,10 @@ __global__ void __launch_bounds__(kRegisters ? kWarpBlockThreads : kFusedThreads
 #pragma unroll
         for (int k = 0; k < V; ++k) stage[row + u * V + k] = v[k];
       }
-      welford_push_vector<V>(w, v, n);
+      welford_push_vector<V>(acc.cur, v, n);
+      blocked_step(acc, WelfordOp(), welford_empty<A>());
     }
+    w = blocked_result(acc, WelfordOp());
   }
   // the team's statistics (fixed combine order: deterministic)
   if (team_size == 32)

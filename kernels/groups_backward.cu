@@ -76,17 +76,19 @@ __global__ void __launch_bounds__(kGroupsBackwardThreads)
   const index_t per_group = length / inner;
   const A m = __ldg(mean + grp);
   const index_t base = grp * length;
-  GroupGradSums<A> s;
-  s.g = A(0);
-  s.gx = A(0);
-  for (index_t j = (index_t)threadIdx.x; j < length; j += (index_t)blockDim.x) {
-    const A g = scaled_grad(dy, weight, base + j, grp, j, groups_per_sample, per_group, inner);
-    s.g = add_rn(s.g, g);
-    s.gx = add_rn(s.gx, mul_rn(g, sub_rn(convert<A>(x[base + j]), m)));
-  }
   GroupGradSums<A> zero;
   zero.g = A(0);
   zero.gx = A(0);
+  // blocked sums (cupybn.cuh): a thread adds length / 256 elements (65536 for a 2^24-element
+  // group), and one float chain that long loses most of sum(g * (x - mean)), a sum that cancels
+  Blocked<GroupGradSums<A>> acc = blocked_empty(zero);
+  for (index_t j = (index_t)threadIdx.x; j < length; j += (index_t)blockDim.x) {
+    const A g = scaled_grad(dy, weight, base + j, grp, j, groups_per_sample, per_group, inner);
+    acc.cur.g = add_rn(acc.cur.g, g);
+    acc.cur.gx = add_rn(acc.cur.gx, mul_rn(g, sub_rn(convert<A>(x[base + j]), m)));
+    blocked_step(acc, GroupGradSumsOp(), zero);
+  }
+  GroupGradSums<A> s = blocked_result(acc, GroupGradSumsOp());
   s = block_reduce(s, GroupGradSumsOp(), zero, scratch);
   if (threadIdx.x != 0) return;
   sums[2 * grp] = s.g;

@@ -20,8 +20,9 @@
 //     (load_vec handles row tails and misaligned rows element by element);
 //   * every thread keeps a Welford state (n, mean, m2) in acc_t<T> (float; double for double
 //     data) and folds in one vector at a time (the vector's own mean and m2 in registers, then
-//     Chan's combine: one division per vector); the block combines with Chan's formula (warp
-//     shuffles, then one warp over the warps).
+//     Chan's combine: one division per vector), in blocks of kFoldBlock vectors combined with
+//     Chan's formula (Blocked, cupybn.cuh: no chain longer than 64 however many vectors a thread
+//     gets); the block combines with Chan's formula (warp shuffles, then one warp over the warps).
 //
 // Cross-block combine, deterministic and self-cleaning (no float atomics, no memset):
 //   * with splits > 1, thread 0 of each block stores its partial (n, mean, m2) in the workspace
@@ -131,12 +132,14 @@ __global__ void __launch_bounds__(kMomentsThreads)
   const index_t c = c_begin + (index_t)slot;
   const bool real = c < C;  // an empty input with C == 0 still runs one slot (the counter moves)
 
-  Welford<A> w = welford_empty<A>();
   // Welford runs on x - pivot, pivot = the group's first element: exact (Sterbenz) for data near
   // its mean, so a float32 group with mean 1e4 and std 1e-2 keeps its variance and its mean to a
   // fraction of the spread (a float32 mean alone is only good to ulp(1e4) = 1e-3 = 0.1 std).
   A pivot = A(0);
   if (real && A_extent > 0 && L > 0) pivot = convert<A>(__ldg(x + c * L));
+  // blocked (cupybn.cuh): a thread may fold thousands of vectors (many huge groups leave few
+  // blocks per group), and one long Welford chain drifts
+  Blocked<Welford<A>> acc = blocked_empty(welford_empty<A>());
   if (real) {
     const index_t per_row = (L + V - 1) / V;  // vectors per row
     const index_t units = A_extent * per_row;
@@ -154,7 +157,8 @@ __global__ void __launch_bounds__(kMomentsThreads)
       load_vec<V>(base + a * row_stride + col, n, v);
 #pragma unroll
       for (int k = 0; k < V; ++k) v[k] = sub_rn(v[k], pivot);
-      welford_push_vector<V>(w, v, n);
+      welford_push_vector<V>(acc.cur, v, n);
+      blocked_step(acc, WelfordOp(), welford_empty<A>());
       a += step_a;
       j += step_j;
       if (j >= per_row) {
@@ -163,6 +167,7 @@ __global__ void __launch_bounds__(kMomentsThreads)
       }
     }
   }
+  Welford<A> w = blocked_result(acc, WelfordOp());
   w = block_reduce(w, WelfordOp(), welford_empty<A>(), scratch);  // valid in thread 0
 
   if (splits > 1) {
@@ -177,16 +182,16 @@ __global__ void __launch_bounds__(kMomentsThreads)
     }
     if (!last_block_to_arrive(counters + slot, (unsigned int)splits, &is_last, tid == 0)) return;  // uniform
     if (tid < 32) {
-      Welford<A> acc = welford_empty<A>();
+      Welford<A> fold = welford_empty<A>();
       const index_t first = (index_t)slot * splits;
-      for (int s = tid; s < splits; s += 32) {
+      for (int s = tid; s < splits; s += 32) {  // at most MOMENTS_MAX_SPLITS / 32 = 32 in a chain
         Welford<A> p;
         p.n = load_shared_partial(ws_n + first + s);
         p.mean = load_shared_partial(ws_mean + first + s);
         p.m2 = load_shared_partial(ws_m2 + first + s);
-        acc = welford_combine(acc, p);
+        fold = welford_combine(fold, p);
       }
-      w = warp_reduce(acc, WelfordOp());  // fixed order: lane k takes lane k + delta
+      w = warp_reduce(fold, WelfordOp());  // fixed order: lane k takes lane k + delta
     }
     if (tid == 0) counters[slot] = 0u;  // every ticket of this group is drawn: reset for the next launch
   }
@@ -278,7 +283,13 @@ __global__ void __launch_bounds__(kMomentsThreads)
   load_vec<V>(x + c0, nc, pivot);  // row 0 (A_extent >= 1: the planner never sends empty input here)
 #pragma unroll
   for (int k = 0; k < V; ++k) mean[k] = m2[k] = A(0);
-  long long n = 0;
+  // Welford per row in blocks of kFoldBlock rows ((mean, m2, n): the block; (tmean, tm2, tn): the
+  // blocks so far, Chan-combined): a thread may visit thousands of rows (2048 for 2^24 rows on an
+  // H100), and one Welford chain that long drifts (see Blocked in cupybn.cuh)
+  A tmean[V], tm2[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) tmean[k] = tm2[k] = A(0);
+  long long n = 0, tn = 0;
   if (nc > 0) {
     const index_t step = (index_t)splits * kColumnRows;
     for (index_t r = (index_t)split * kColumnRows + ty; r < A_extent; r += step) {
@@ -293,14 +304,24 @@ __global__ void __launch_bounds__(kMomentsThreads)
         mean[k] = add_rn(mean[k], div_rn(d, an));
         m2[k] = add_rn(m2[k], mul_rn(d, sub_rn(d0, mean[k])));
       }
+      if (n == kFoldBlock) {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          chan_fold(tmean[k], tm2[k], tn, mean[k], m2[k], n);
+          mean[k] = m2[k] = A(0);
+        }
+        tn += n;
+        n = 0;
+      }
     }
   }
 #pragma unroll
   for (int k = 0; k < V; ++k) {
-    sh_mean[ty][tx * V + k] = mean[k];
-    sh_m2[ty][tx * V + k] = m2[k];
+    chan_fold(tmean[k], tm2[k], tn, mean[k], m2[k], n);  // bitwise the block itself when tn == 0
+    sh_mean[ty][tx * V + k] = tmean[k];
+    sh_m2[ty][tx * V + k] = tm2[k];
   }
-  if (tx == 0) sh_n[ty] = n;  // lane 0 always owns a channel (a tile starts below C); all lanes count alike
+  if (tx == 0) sh_n[ty] = tn + n;  // lane 0 always owns a channel (a tile starts below C); all lanes count alike
   __syncthreads();
 
   // row-partials of the block, folded in order by the ty == 0 threads; the count is common to
@@ -342,19 +363,62 @@ __global__ void __launch_bounds__(kMomentsThreads)
     __syncthreads();
     if (!is_last) return;  // uniform in the block
     __threadfence();
-    if (ty == 0) {
+    // Row ty of the block folds splits ty, ty + kColumnRows, ... (up to 128) in runs of
+    // kSplitRun, each run Chan-combined into (tmean, tm2, tn) -- no chain longer than 16, where
+    // one thread folding all 1024 splits in a row drifts -- then row 0 folds the kColumnRows
+    // results in order, as for the block's own rows. A fixed order: bitwise repeatable.
+    {
+      constexpr int kSplitRun = 16;
       const index_t first = (index_t)slot * splits;
-      wn = 0;
+      long long fn = 0;
+      tn = 0;
 #pragma unroll
-      for (int k = 0; k < V; ++k) mean[k] = m2[k] = A(0);
-      for (int s = 0; s < splits; ++s) {
+      for (int k = 0; k < V; ++k) mean[k] = m2[k] = tmean[k] = tm2[k] = A(0);
+      for (int s = ty, run = 0; s < splits; s += kColumnRows) {
         const long long pn = load_shared_partial(ws_n + first + s);
         const index_t base = (first + s) * kTile + tx * V;
 #pragma unroll
         for (int k = 0; k < V; ++k)
-          chan_fold(mean[k], m2[k], wn, load_shared_partial(ws_mean + base + k),
+          chan_fold(mean[k], m2[k], fn, load_shared_partial(ws_mean + base + k),
                     load_shared_partial(ws_m2 + base + k), pn);
-        wn += pn;
+        fn += pn;
+        if (++run == kSplitRun) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            chan_fold(tmean[k], tm2[k], tn, mean[k], m2[k], fn);
+            mean[k] = m2[k] = A(0);
+          }
+          tn += fn;
+          fn = 0;
+          run = 0;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        chan_fold(tmean[k], tm2[k], tn, mean[k], m2[k], fn);
+        mean[k] = tmean[k];
+        m2[k] = tm2[k];
+      }
+      fn += tn;
+      // (row 0 read the block's own row partials before the barriers above: sh_* is free)
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        sh_mean[ty][tx * V + k] = mean[k];
+        sh_m2[ty][tx * V + k] = m2[k];
+      }
+      if (tx == 0) sh_n[ty] = fn;
+      __syncthreads();
+      if (ty == 0) {
+        wn = 0;
+#pragma unroll
+        for (int k = 0; k < V; ++k) mean[k] = m2[k] = A(0);
+        for (int row = 0; row < kColumnRows; ++row) {
+          const long long pn = sh_n[row];
+#pragma unroll
+          for (int k = 0; k < V; ++k)
+            chan_fold(mean[k], m2[k], wn, sh_mean[row][tx * V + k], sh_m2[row][tx * V + k], pn);
+          wn += pn;
+        }
       }
     }
     if (tx == 0 && ty == 0) counters[slot] = 0u;
