@@ -137,6 +137,19 @@ def _grad_output(grad_output, x):
     return g
 
 
+def _channel_backward_args(grad_output, input, weight, eps, output_mask):
+    """``(x, grad_output, mask, eps)`` of a backward on running statistics (batch norm; instance
+    norm with ``use_input_stats=False``), checked: input at least 2-D, ``weight`` ``(C,)`` or None,
+    ``grad_output`` like the input."""
+    x = F._as_input(input)
+    mask = _mask(output_mask)
+    if x.ndim < 2:
+        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+    _checks.check_vector(weight, "weight", x.shape[1], x)
+    eps = _checks.check_eps(eps)
+    return x, _grad_output(grad_output, x), mask, eps
+
+
 def _stat(a, name, size, x, acc):
     """A saved statistic: ``size`` values (any shape) in ``x``'s framework, as a flat ``acc`` vector."""
     if a is None:
@@ -246,15 +259,9 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
     ``running_mean`` / ``running_var`` (and ``eps``), which are read here. ``input``: ``(N, C, *)``;
     every vector ``(C,)``. Entries whose ``output_mask`` is False are None.
     """
-    x = F._as_input(input)
-    mask = _mask(output_mask)
     train = _checks.check_bool(train, "train")
-    if x.ndim < 2:
-        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+    x, g, mask, eps = _channel_backward_args(grad_output, input, weight, eps, output_mask)
     c = x.shape[1]
-    _checks.check_vector(weight, "weight", c, x)
-    eps = _checks.check_eps(eps)
-    g = _grad_output(grad_output, x)
     if _dispatch.route(x) == "gpu":
         return _gpu("batch_norm_backward", g, x, weight, running_mean, running_var, save_mean,
                     save_invstd, train, eps, mask)
@@ -365,14 +372,8 @@ def _instance_norm_eval_backward(grad_output, input, weight, running_mean, runni
     ``sum(dy * (x - mean)) * invstd`` up to rounding, but not with ``invstd = inf`` (a running
     variance of 0 with ``eps == 0``): samples whose sums have opposite signs give ``inf + -inf =
     NaN``, where the total's sign would give +-inf. ``grad_input`` does not depend on it."""
-    x = F._as_input(input)
-    mask = _mask(output_mask)
-    if x.ndim < 2:
-        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+    x, g, mask, eps = _channel_backward_args(grad_output, input, weight, eps, output_mask)
     c = x.shape[1]
-    _checks.check_vector(weight, "weight", c, x)
-    eps = _checks.check_eps(eps)
-    g = _grad_output(grad_output, x)
     if _dispatch.route(x) == "gpu":
         return _gpu("instance_norm_backward", g, x, weight, running_mean, running_var, None, None,
                     False, eps, mask)

@@ -257,6 +257,25 @@ __device__ __forceinline__ Welford<A> welford_of(A mean, A m2, long long n) {
 constexpr int kColumnLanes = 32;
 constexpr int kColumnRows = 8;
 
+// moments_columns: the kColumnRows row partials of a block in shared memory, folded in row order
+// into (mean, m2) by one thread of row 0; returns their count. The count is common to the V
+// channels of a thread, so the combine keeps one count (and one division per partial).
+template <typename A, int V, int kTile>
+__device__ __forceinline__ long long fold_column_rows(A (&mean)[V], A (&m2)[V], const A (&sh_mean)[kColumnRows][kTile],
+                                                      const A (&sh_m2)[kColumnRows][kTile],
+                                                      const long long (&sh_n)[kColumnRows], int tx) {
+  long long wn = 0;
+#pragma unroll
+  for (int k = 0; k < V; ++k) mean[k] = m2[k] = A(0);
+  for (int row = 0; row < kColumnRows; ++row) {
+    const long long pn = sh_n[row];
+#pragma unroll
+    for (int k = 0; k < V; ++k) chan_fold(mean[k], m2[k], wn, sh_mean[row][tx * V + k], sh_m2[row][tx * V + k], pn);
+    wn += pn;
+  }
+  return wn;
+}
+
 template <typename T, typename R>
 __global__ void __launch_bounds__(kMomentsThreads)
     moments_columns(const T* __restrict__ x, index_t A_extent, index_t C, index_t L, index_t c_begin, int splits,
@@ -324,20 +343,9 @@ __global__ void __launch_bounds__(kMomentsThreads)
   if (tx == 0) sh_n[ty] = tn + n;  // lane 0 always owns a channel (a tile starts below C); all lanes count alike
   __syncthreads();
 
-  // row-partials of the block, folded in order by the ty == 0 threads; the count is common to
-  // the V channels of a thread, so the combine keeps one count (and one division per partial)
+  // row-partials of the block, folded in order by the ty == 0 threads
   long long wn = 0;
-  if (ty == 0) {
-#pragma unroll
-    for (int k = 0; k < V; ++k) mean[k] = m2[k] = A(0);
-    for (int row = 0; row < kColumnRows; ++row) {
-      const long long pn = sh_n[row];
-#pragma unroll
-      for (int k = 0; k < V; ++k)
-        chan_fold(mean[k], m2[k], wn, sh_mean[row][tx * V + k], sh_m2[row][tx * V + k], pn);
-      wn += pn;
-    }
-  }
+  if (ty == 0) wn = fold_column_rows<A, V>(mean, m2, sh_mean, sh_m2, sh_n, tx);
 
   if (splits > 1) {
     long long* ws_n = reinterpret_cast<long long*>(workspace);
@@ -408,18 +416,7 @@ __global__ void __launch_bounds__(kMomentsThreads)
       }
       if (tx == 0) sh_n[ty] = fn;
       __syncthreads();
-      if (ty == 0) {
-        wn = 0;
-#pragma unroll
-        for (int k = 0; k < V; ++k) mean[k] = m2[k] = A(0);
-        for (int row = 0; row < kColumnRows; ++row) {
-          const long long pn = sh_n[row];
-#pragma unroll
-          for (int k = 0; k < V; ++k)
-            chan_fold(mean[k], m2[k], wn, sh_mean[row][tx * V + k], sh_m2[row][tx * V + k], pn);
-          wn += pn;
-        }
-      }
+      if (ty == 0) wn = fold_column_rows<A, V>(mean, m2, sh_mean, sh_m2, sh_n, tx);
     }
     if (tx == 0 && ty == 0) counters[slot] = 0u;
   }
