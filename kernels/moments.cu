@@ -257,6 +257,20 @@ __device__ __forceinline__ Welford<A> welford_of(A mean, A m2, long long n) {
 constexpr int kColumnLanes = 32;
 constexpr int kColumnRows = 8;
 
+// moments_columns: a run (mean, m2, n) Chan-combined into the total (tmean, tm2, tn) and cleared,
+// so that no Welford or combine chain grows longer than a run (see Blocked in cupybn.cuh).
+template <typename A, int V>
+__device__ __forceinline__ void fold_run(A (&tmean)[V], A (&tm2)[V], long long& tn, A (&mean)[V], A (&m2)[V],
+                                         long long& n) {
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    chan_fold(tmean[k], tm2[k], tn, mean[k], m2[k], n);
+    mean[k] = m2[k] = A(0);
+  }
+  tn += n;
+  n = 0;
+}
+
 // moments_columns: the kColumnRows row partials of a block in shared memory, folded in row order
 // into (mean, m2) by one thread of row 0; returns their count. The count is common to the V
 // channels of a thread, so the combine keeps one count (and one division per partial).
@@ -323,15 +337,7 @@ __global__ void __launch_bounds__(kMomentsThreads)
         mean[k] = add_rn(mean[k], div_rn(d, an));
         m2[k] = add_rn(m2[k], mul_rn(d, sub_rn(d0, mean[k])));
       }
-      if (n == kFoldBlock) {
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-          chan_fold(tmean[k], tm2[k], tn, mean[k], m2[k], n);
-          mean[k] = m2[k] = A(0);
-        }
-        tn += n;
-        n = 0;
-      }
+      if (n == kFoldBlock) fold_run<A, V>(tmean, tm2, tn, mean, m2, n);
     }
   }
 #pragma unroll
@@ -391,13 +397,7 @@ __global__ void __launch_bounds__(kMomentsThreads)
                     load_shared_partial(ws_m2 + base + k), pn);
         fn += pn;
         if (++run == kSplitRun) {
-#pragma unroll
-          for (int k = 0; k < V; ++k) {
-            chan_fold(tmean[k], tm2[k], tn, mean[k], m2[k], fn);
-            mean[k] = m2[k] = A(0);
-          }
-          tn += fn;
-          fn = 0;
+          fold_run<A, V>(tmean, tm2, tn, mean, m2, fn);
           run = 0;
         }
       }
