@@ -158,6 +158,27 @@ def _native_vector(input, arr):
     return arr
 
 
+def _channel_vector(a, name, channels):
+    """``(cupy array of shape (channels,), dtype name)`` of a per-channel (or per-group) statistic;
+    ValueError unless it holds ``channels`` values."""
+    from . import interop
+
+    arr, d = interop.as_cupy(a, name)
+    if arr.size != channels:
+        raise ValueError(f"{name} must have {channels} values, got shape {tuple(arr.shape)}")
+    return interop.contiguous(arr.reshape(channels)), d
+
+
+def _native_params(input, p, arrays):
+    """Per-channel parameter gradients (CuPy storage of dtype ``p``, or None) in the input's
+    framework; bfloat16 for torch as a view of the 16-bit storage (CuPy has no bfloat16)."""
+    if p == "bfloat16" and interop_framework(input) == "torch":
+        import torch
+
+        return tuple(None if a is None else torch.from_dlpack(a).view(torch.bfloat16) for a in arrays)
+    return tuple(None if a is None else _native_vector(input, a) for a in arrays)
+
+
 def interop_framework(input):
     from . import interop
 
@@ -219,10 +240,7 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
         for name, a in stats:
             if a is None:
                 raise ValueError(f"{name} is required")
-            arr, d = interop.as_cupy(a, name)
-            if arr.size != channels:
-                raise ValueError(f"{name} must have {channels} values, got shape {tuple(arr.shape)}")
-            st.append((interop.contiguous(arr.reshape(channels)), d))
+            st.append(_channel_vector(a, name, channels))
         w, w_dtype = interop.as_cupy(weight, "weight")
         p = w_dtype if w is not None else x_dtype
         s_dtype = st[0][1] if st[0][1] == st[1][1] else None
@@ -248,13 +266,7 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
                 None if sums is None else planner.Operand.of(sums), eps, device=launcher.device_info())
             launcher.launch(plan)
     out_dx = None if native_dx is None else interop.to_native(input, native_dx)
-    if p == "bfloat16" and interop_framework(input) == "torch":
-        import torch
-
-        conv = lambda a: None if a is None else torch.from_dlpack(a).view(torch.bfloat16)  # noqa: E731
-    else:
-        conv = lambda a: None if a is None else _native_vector(input, a)  # noqa: E731
-    return out_dx, conv(gw), conv(gb)
+    return (out_dx, *_native_params(input, p, (gw, gb)))
 
 
 # ------------------------------------------------------------------------------------ layer / group / instance norm
@@ -426,10 +438,7 @@ def _groups_backward(grad_output, input, layout_of, mean, rstd, weight, gw_dtype
             for name, a in (("mean", mean), ("rstd", rstd)):
                 if a is None:
                     raise ValueError(f"{name} is required")
-                arr, d = interop.as_cupy(a, name)
-                if arr.size != layout.groups:
-                    raise ValueError(f"{name} must have {layout.groups} values, got shape {tuple(arr.shape)}")
-                arr = interop.contiguous(arr).reshape(-1)
+                arr, d = _channel_vector(a, name, layout.groups)
                 st.append(planner.Operand.of(interop.contiguous(interop.cast(arr, d, acc)) if d != acc else arr, acc))
             w, w_dtype = interop.as_cupy(weight, "weight")
             w_op = None if w is None else planner.Operand.of(interop.contiguous(w).reshape(-1), w_dtype)
@@ -452,17 +461,7 @@ def _groups_backward(grad_output, input, layout_of, mean, rstd, weight, gw_dtype
                                                     sums, ws, device=device)
             launcher.launch(plan)
     out_dx = None if native_dx is None else interop.to_native(input, native_dx)
-
-    def conv(a, d):
-        if a is None:
-            return None
-        if d == "bfloat16" and interop_framework(input) == "torch":
-            import torch
-
-            return torch.from_dlpack(a).view(torch.bfloat16)
-        return _native_vector(input, a)
-
-    return out_dx, conv(gw, gw_dtype), conv(gb, gb_dtype)
+    return out_dx, *_native_params(input, gw_dtype, (gw,)), *_native_params(input, gb_dtype, (gb,))
 
 
 def _dtype_name(a):
@@ -583,10 +582,7 @@ def _instance_norm_eval_backward(grad_output, input, weight, running_mean, runni
         spatial = math.prod(int(s) for s in x.shape[2:])
         stats = []
         for name, a in (("running_mean", running_mean), ("running_var", running_var)):
-            arr, d = interop.as_cupy(a, name)
-            if arr.size != c:
-                raise ValueError(f"{name} must have {c} values, got shape {tuple(arr.shape)}")
-            arr = interop.cast(interop.contiguous(arr).reshape(c), d, acc)
+            arr = interop.cast(*_channel_vector(a, name, c), acc)
             stats.append(planner.Operand.of(cupy.ascontiguousarray(cupy.broadcast_to(arr, (n, c))).reshape(n * c),
                                             acc))
         per = {k: cupy.empty((n * c,), dtype=acc) if m else None for k, m in (("gw", mask[1]), ("gb", mask[2]))}
@@ -606,11 +602,7 @@ def _instance_norm_eval_backward(grad_output, input, weight, running_mean, runni
         w, w_dtype = interop.as_cupy(weight, "weight")
         p = w_dtype if w is not None else x_dtype
         out = [None if a is None else _narrow(a.reshape(n, c).sum(axis=0), acc, p) for a in per.values()]
-    if p == "bfloat16" and interop_framework(input) == "torch":
-        import torch
-
-        return (dx, *(None if a is None else torch.from_dlpack(a).view(torch.bfloat16) for a in out))
-    return (dx, *(None if a is None else _native_vector(input, a) for a in out))
+    return (dx, *_native_params(input, p, out))
 
 
 def _narrow(a, acc, p):
