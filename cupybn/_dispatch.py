@@ -173,15 +173,22 @@ def binary_into(op, a, b, out) -> None:
 _ALIGNMENT = 64
 
 
-def empty_aligned(xp, shape, dtype, like):
+def empty_aligned(xp, shape, dtype, like, reusable: bool = False):
     """``xp.empty(shape)`` on ``like``'s device, its data starting on a 64-byte boundary.
 
     NumPy takes large arrays from ``malloc``, whose blocks start 16 bytes past a page boundary, so
     every SIMD store of a loop that writes one would straddle two cache lines: for NumPy a
     slightly larger buffer is sliced to the boundary. Other frameworks (torch aligns its own)
-    get ``xp.empty`` as it is.
+    get ``xp.empty`` as it is. ``reusable`` (scratch kept across calls): for torch never an
+    inference tensor, even when made under ``torch.inference_mode()``, since later calls outside
+    it write into it again, which torch refuses for one.
     """
     if not isinstance(like, numpy.ndarray):
+        if reusable and array_api_compat.is_torch_array(like):
+            import torch
+
+            with torch.inference_mode(False):
+                return xp.empty(shape, dtype=dtype, device=array_api_compat.device(like))
         return xp.empty(shape, dtype=dtype, device=array_api_compat.device(like))
     # (NumPy's own calls: this runs between the passes over the data, where every Python call
     # is slow with the caches full of data)

@@ -34,9 +34,10 @@ hundreds of standard deviations. So rows longer than ``_SEGMENT_ELEMENTS`` (256K
 segments, each with its own centre and short sums, combined in float64 (Chan et al.: the
 segments' variances plus the spread of their means); where a block's centre still missed its
 data's mean by more than a standard deviation, its groups are summed once more around the mean
-found. Squares of centred data are summed pairwise (``sum``), not by dot products: data far
-from 0 are coarsely quantized, their squares' low bits far from uniform, and a dot product's long
-float32 runs then round one way. Reductions go through :mod:`._dispatch` where a framework's
+found. Partial sums are added in float64 where more than ``_WIDE_COMBINE_ROWS`` meet. Squares of
+centred data more than ``_COARSE_RATIO`` standard deviations from 0 are summed pairwise
+(``sum``), not by dot products: such data are coarsely quantized, their squares' low bits far
+from uniform, and a dot product's long float32 runs then round one way. Reductions go through :mod:`._dispatch` where a framework's
 own function is the accurate one (torch: cascade sums, not its matrix-vector products).
 
 The normalize step computes ``(x - m0) * scale + shift`` with ``shift = bias - c * scale``:
@@ -206,18 +207,7 @@ def _scratch(xp, shape, dtype, like):
     """
     # the namespace comes first in the key, so dtypes of different frameworks are never compared
     return _cached(("scratch", xp.__name__, dtype, tuple(shape)),
-                   lambda: _new_scratch(xp, tuple(shape), dtype, like))
-
-
-def _new_scratch(xp, shape, dtype, like):
-    if array_api_compat.is_torch_array(like):
-        import torch
-
-        # never an inference tensor, even when first made under torch.inference_mode(): later
-        # calls outside inference mode write into it again (out=), which torch refuses for one
-        with torch.inference_mode(False):
-            return _dispatch.empty_aligned(xp, shape, dtype, like)
-    return _dispatch.empty_aligned(xp, shape, dtype, like)
+                   lambda: _dispatch.empty_aligned(xp, tuple(shape), dtype, like, reusable=True))
 
 
 _ONES: dict = {}
