@@ -288,8 +288,7 @@ def _normalized_shape(normalized_shape) -> tuple[int, ...]:
                         f"not {_checks._type_name(normalized_shape)}")
     shape = []
     for i, s in enumerate(normalized_shape):
-        if type(s) is not int and (isinstance(s, (bool, float, str, bytes)) or
-                                   not isinstance(s, numbers.Integral)):
+        if type(s) is not int and (isinstance(s, bool) or not isinstance(s, numbers.Integral)):
             raise TypeError(f"normalized_shape must be an int or a tuple of ints, but found element "
                             f"of type {_checks._type_name(s)} at pos {i}")
         shape.append(_checks.check_int(s, "normalized_shape", 0))
