@@ -14,7 +14,9 @@ import functools
 import math
 import numbers
 
-from . import _checks, _dispatch, _reference
+import array_api_compat
+
+from . import _checks, _dispatch, _prepared, _reference
 from .running_stats import RunningStats
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm"]
@@ -40,6 +42,20 @@ def _gpu_kernel(name: str):
         raise NotImplementedError(f"{name} on the GPU path (CuPy / CUDA torch input) is not "
                                   f"implemented yet; CPU inputs (NumPy, torch CPU) work")
     return fn
+
+
+def _plain_input(input):
+    """The per-call form of :func:`_as_input` for inputs of ``input``'s signature (its type
+    checked once): identity, or torch's ``detach``, or the DLPack import."""
+    if array_api_compat.is_numpy_array(input) or array_api_compat.is_cupy_array(input):
+        return _same
+    if array_api_compat.is_torch_array(input):
+        return _dispatch.detached
+    return _as_input
+
+
+def _same(a):
+    return a
 
 
 def _as_input(input):
@@ -133,20 +149,46 @@ def _check_batch_norm(x, stats, weight, bias, training, eps):
     return eps
 
 
-@_quiet
 def _batch_norm(input, stats: RunningStats | None, weight, bias, training: bool, eps):
     """Batch norm with optional :class:`RunningStats` (updated when ``training``); see :func:`batch_norm`."""
-    x = _as_input(input)
-    eps = _check_batch_norm(x, stats, weight, bias, training, eps)
-    if training and stats is not None:
-        stats.check_update()  # momentum, writable statistics: before any work
-    if _dispatch.route(x) == "gpu":
-        return _gpu_kernel("batch_norm_forward")(
-            x, None if stats is None else stats.mean, None if stats is None else stats.var,
-            weight, bias, training, None if stats is None else stats.momentum, eps,
-            num_batches_tracked=stats.num_batches_tracked if stats is not None and stats.count_batches else None)
+    d = _prepared.describe
+    if stats is None:
+        key = ("batch_norm", training, d(input), d(weight), d(bias))
+    else:
+        key = ("batch_norm", training, d(input), d(weight), d(bias), d(stats.mean), d(stats.var),
+               d(stats.num_batches_tracked) if stats.count_batches else None, stats.momentum is None)
+    call = _prepared.cached(key, _prepare_batch_norm, input, stats, weight, bias, training, eps)
+    return call(input, stats, weight, bias, eps)
 
-    return _batch_norm_reference(x, stats, weight, bias, training, eps)[0]
+
+def _prepare_batch_norm(input, stats, weight, bias, training, eps):
+    """The checks a batch-norm signature fixes, once; returns ``call(input, stats, weight, bias, eps)``."""
+    x = _as_input(input)
+    _check_batch_norm(x, stats, weight, bias, training, eps)
+    update = training and stats is not None
+    if _dispatch.route(x) == "gpu":
+        gpu = _gpu_kernel("prepare_batch_norm_forward")(
+            x, None if stats is None else stats.mean, None if stats is None else stats.var, weight, bias, training,
+            stats.num_batches_tracked if stats is not None and stats.count_batches else None)
+
+        def call_gpu(input, stats, weight, bias, eps):
+            eps = _checks.check_eps(eps)
+            if stats is None:
+                return gpu(input, None, None, weight, bias, None, None, eps)[0]
+            if update:
+                stats.check_update()  # momentum, writable statistics: before any work
+            return gpu(input, stats.mean, stats.var, weight, bias,
+                       stats.num_batches_tracked if stats.count_batches else None, stats.momentum, eps)[0]
+        return call_gpu
+    plain = _plain_input(input)
+
+    def call_cpu(input, stats, weight, bias, eps):
+        eps = _checks.check_eps(eps)
+        if update:
+            stats.check_update()  # momentum, writable statistics: before any work
+        with _dispatch.quiet_floating_point():
+            return _batch_norm_reference(plain(input), stats, weight, bias, training, eps)[0]
+    return call_cpu
 
 
 def _batch_norm_reference(x, stats: RunningStats | None, weight, bias, training: bool, eps: float):

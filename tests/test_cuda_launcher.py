@@ -395,6 +395,12 @@ class _LauncherAdapter:
         self.plans.append(plan)
         self.launcher.launch(plan)
 
+    def prepare(self, plan):
+        return self.launcher.prepare(plan)
+
+    def run(self, prepared, buffers):
+        self.launch(tuple(p.bound(buffers) for p in prepared))
+
 
 @pytest.fixture
 def emulated_dispatch(monkeypatch):

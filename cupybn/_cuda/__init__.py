@@ -48,6 +48,16 @@ def _require_cupy():
                                   "CPU inputs (NumPy, torch CPU) work without it") from exc
 
 
+def prepare_batch_norm_forward(input, running_mean, running_var, weight, bias, training, num_batches_tracked):
+    """A prepared GPU batch norm forward for arrays of this signature (see :mod:`.prepared`):
+    ``call(input, running_mean, running_var, weight, bias, num_batches_tracked, momentum, eps)
+    -> (output, save_mean, save_invstd)``."""
+    _require_cupy()
+    from . import prepared
+
+    return prepared.batch_norm_forward(input, running_mean, running_var, weight, bias, training, num_batches_tracked)
+
+
 def batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked=None):
     """GPU path of ``cupybn.batch_norm``.

@@ -25,6 +25,9 @@ def _is_cupy(x) -> bool:
     return cupy is not None and isinstance(x, cupy.ndarray)
 
 
+is_cupy = _is_cupy
+
+
 def _is_torch(x) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(x, torch.Tensor)
@@ -147,6 +150,31 @@ def empty_output(input, x_cupy, dtype: str):
     storage = "int16" if dtype == "bfloat16" else dtype
     out = cupy.empty(x_cupy.shape, dtype=storage)
     return out, out
+
+
+def output_allocator(input, dtype: str):
+    """``alloc(shape) -> (native array, cupy view)``: :func:`empty_output` for inputs like
+    ``input``, with the framework decided once (a prepared call's output)."""
+    import cupy
+
+    if _is_torch(input):
+        import torch
+
+        torch_dtype, device = input.dtype, input.device
+
+        def alloc_torch(shape):
+            out = torch.empty(shape, dtype=torch_dtype, device=device)
+            return out, as_cupy(out)[0]
+        return alloc_torch
+    import numpy
+
+    storage = numpy.dtype("int16" if dtype == "bfloat16" else dtype)
+    empty = cupy.empty
+
+    def alloc(shape):
+        out = empty(shape, dtype=storage)
+        return out, out
+    return alloc
 
 
 def to_native(input, native):

@@ -22,6 +22,67 @@ import numpy as np
 from . import planner, source
 
 
+class Slot:
+    """A buffer placeholder in a plan template: argument ``index`` of the buffers a prepared call
+    binds per call. ``dtype`` is the buffer's storage dtype, so ``planner.check_args`` can check
+    the template once."""
+
+    __slots__ = ("index", "dtype")
+
+    def __init__(self, index: int, dtype):
+        self.index, self.dtype = index, np.dtype(dtype)
+
+    def __repr__(self) -> str:
+        return f"Slot({self.index}, {self.dtype})"
+
+
+_CHECK_SCRATCH = Slot(-1, np.uint8)
+_CHECK_COUNTERS = Slot(-1, np.uint32)
+
+
+class PreparedLaunch:
+    """One launch of a plan template, checked once: ``args`` with the slot positions to fill."""
+
+    __slots__ = ("launch", "function", "args", "slots", "scratch", "counters")
+
+    def __init__(self, launch: planner.KernelLaunch, function=None):
+        self.launch, self.function = launch, function
+        self.args = list(launch.args)
+        self.slots = tuple((j, a.index) for j, a in enumerate(launch.args) if type(a) is Slot)
+        self.scratch = tuple(j for j, a in enumerate(launch.args) if a is planner.SCRATCH)
+        self.counters = tuple(j for j, a in enumerate(launch.args) if a is planner.COUNTERS)
+
+    def uses(self, index: int) -> bool:
+        """Whether this launch reads or writes buffer ``index``."""
+        return any(i == index for _, i in self.slots)
+
+    def bind(self, buffers, scratch=None, counters=None) -> list:
+        """The argument list with every slot replaced by its buffer (None stays a null pointer);
+        ``scratch`` / ``counters`` replace ``planner.SCRATCH`` / ``COUNTERS`` when given."""
+        args = self.args.copy()
+        for j, i in self.slots:
+            args[j] = buffers[i]
+        if scratch is not None:
+            for j in self.scratch:
+                args[j] = scratch
+        if counters is not None:
+            for j in self.counters:
+                args[j] = counters
+        return args
+
+    def bound(self, buffers) -> planner.KernelLaunch:
+        """The planner's launch with the slots bound (workspace placeholders left for the launcher)."""
+        launch = self.launch
+        return planner.KernelLaunch(launch.source, launch.kernel, launch.grid, launch.block, tuple(self.bind(buffers)),
+                                    launch.signature, launch.smem, launch.workspace_bytes, launch.notes,
+                                    launch.counter_words)
+
+
+def check_template(launch: planner.KernelLaunch) -> None:
+    """``planner.check_args`` on a plan template (slots stand for buffers of their dtype)."""
+    planner.check_args(launch.kernel, launch.signature, launch.with_workspace(_CHECK_SCRATCH, _CHECK_COUNTERS).args)
+
+
 class CupyLauncher:
     """Launch planner output through ``cupy.RawModule`` on the current CuPy stream."""
 
@@ -86,6 +147,27 @@ class CupyLauncher:
                                       max_grid_y=int(attrs["MaxGridDimY"]))
             self._device_info[dev.id] = info
         return info
+
+    def prepare(self, plan) -> tuple[PreparedLaunch, ...]:
+        """A plan template (buffers as :class:`Slot`) checked and its kernels resolved, for :meth:`run`."""
+        prepared = []
+        for launch in plan:
+            check_template(launch)
+            prepared.append(PreparedLaunch(launch, self.module(launch.source, launch.kernel).get_function(launch.kernel)))
+        return tuple(prepared)
+
+    def run(self, prepared, buffers) -> None:
+        """Run a prepared plan on the current CuPy stream with ``buffers[i]`` for slot ``i``."""
+        for p in prepared:
+            launch = p.launch
+            scratch = counters = None
+            if launch.workspace_bytes:
+                import cupy
+
+                scratch = cupy.empty((launch.workspace_bytes,), dtype=cupy.uint8)
+            if launch.counter_words:
+                counters = self.counters(launch.counter_words)
+            p.function(launch.grid, launch.block, _marshal(p.bind(buffers, scratch, counters)), shared_mem=launch.smem)
 
     def launch(self, plan) -> None:
         """Run every launch of ``plan`` in order on the current CuPy stream (asynchronously)."""

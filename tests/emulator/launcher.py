@@ -23,7 +23,7 @@ from pathlib import Path
 
 import emulator
 import numpy as np
-from cupybn._cuda import planner, source
+from cupybn._cuda import launchers, planner, source
 
 
 class EmulatorLauncher:
@@ -75,6 +75,17 @@ class EmulatorLauncher:
     def device_info(self) -> planner.DeviceInfo:
         """The device description plans for this launcher are made with."""
         return self._device
+
+    def prepare(self, plan):
+        """A plan template (buffers as ``launchers.Slot``), for :meth:`run`: the CuPy launcher's
+        interface. Arguments are checked when each bound launch runs (:meth:`launch`)."""
+        for launch in plan:
+            launchers.check_template(launch)
+        return tuple(launchers.PreparedLaunch(launch) for launch in plan)
+
+    def run(self, prepared, buffers) -> None:
+        """Run a prepared plan with ``buffers[i]`` for slot ``i`` (through :meth:`launch`)."""
+        self.launch(tuple(p.bound(buffers) for p in prepared))
 
     def launch(self, plan) -> None:
         """Run every launch of ``plan`` in order; raises ``emulator.CudaCpuError`` on a detected bug."""

@@ -1,0 +1,211 @@
+"""GPU calls planned once per signature: plan templates with slots, bound to buffers per call.
+
+A prepared GPU call is made from the first call of a signature (shapes, strides, dtypes,
+devices, flags; see :mod:`cupybn._prepared`). It plans the launches once with :class:`Slot`
+placeholders where the planner would see buffers (the planner never looks at a buffer), lets the
+launcher check the arguments and resolve the kernels once (``launcher.prepare``), and then each
+call only converts what the signature says needs converting (nothing, for contiguous CuPy input
+with parameters of one dtype), allocates its outputs, and hands the buffers to
+``launcher.run``. Plans also depend on scalar arguments (``eps`` selects a kernel path,
+``eps``/``momentum`` are kernel arguments): a prepared call keeps the plans of its last few
+scalar values.
+"""
+from __future__ import annotations
+
+import math
+
+from . import interop, planner
+from . import launchers
+from .launchers import Slot
+
+#: plans kept per prepared call, one per (eps, momentum) seen; a call with an unseen value replans
+_SCALAR_PLANS = 8
+
+
+def _operand(index: int, shape, dtype: str) -> planner.Operand:
+    """A contiguous ``dtype`` operand of ``shape`` whose buffer is slot ``index``."""
+    shape = tuple(int(s) for s in shape)
+    strides, step = [], 1
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= extent
+    storage = "int64" if dtype == "int64" else planner.storage_dtype(dtype)  # int64: num_batches_tracked
+    return planner.Operand(Slot(index, storage), shape, tuple(reversed(strides)), dtype)
+
+
+class _Plans:
+    """The launch plans of one prepared call, by scalar values; ``make(*scalars)`` plans."""
+
+    __slots__ = ("make", "launcher", "plans")
+
+    def __init__(self, make, launcher):
+        self.make, self.launcher, self.plans = make, launcher, {}
+
+    def get(self, scalars):
+        prepared = self.plans.get(scalars)
+        if prepared is None:
+            from .. import _prepared
+
+            prepared = self.launcher.prepare(self.make(*scalars))
+            _prepared.cache.plans += 1
+            if len(self.plans) >= _SCALAR_PLANS:
+                self.plans.clear()
+            self.plans[scalars] = prepared
+        return prepared
+
+
+def _converter(a, name: str, dtype: str | None, contiguous: bool):
+    """What a call must do to ``a`` (an array of this signature) before binding it: None when
+    nothing (a contiguous CuPy array of the kernel's dtype), else a function. (The kernels take
+    pointers: the planner's operands carry the shapes, so a contiguous buffer of any shape binds.)"""
+    arr, d = interop.as_cupy(a, name)
+    if interop.is_cupy(a) and (d == dtype or dtype is None) and (not contiguous or arr.flags.c_contiguous):
+        return None
+
+    def convert(b):
+        arr, d = interop.as_cupy(b, name)
+        if dtype is not None and d != dtype:
+            arr = interop.cast(arr, d, dtype)
+        if contiguous:
+            arr = interop.contiguous(arr)
+        return arr
+    return convert
+
+
+def _bind(converters, arrays):
+    return [a if c is None or a is None else c(a) for c, a in zip(converters, arrays)]
+
+
+# ----------------------------------------------------------------------------------- batch norm forward
+
+def batch_norm_forward(x, running_mean, running_var, weight, bias, training: bool, nbt):
+    """Prepared GPU batch norm forward for arrays of this signature: ``call(x, running_mean,
+    running_var, weight, bias, num_batches_tracked, momentum, eps) -> (y, save_mean, save_invstd)``
+    (the saved statistics None in eval). See ``cupybn._cuda.batch_norm_forward``."""
+    launcher = launchers.cupy_launcher()
+    with interop.input_stream(x):
+        xa, x_dtype = interop.as_cupy(x, "input")
+        shape = tuple(int(s) for s in xa.shape)
+        channels = shape[1]
+        acc = planner.accumulation_dtype(x_dtype)
+        affine = [interop.as_cupy(a, n)[1] for a, n in ((weight, "weight"), (bias, "bias"))]
+        if training:
+            p_dtype = interop.promote(affine)
+            running = [interop.as_cupy(a, n) for a, n in ((running_mean, "running_mean"), (running_var, "running_var"))]
+            for (arr, _), name in zip(running, ("running_mean", "running_var")):
+                if arr is not None and arr.size > 1 and arr.strides[0] != arr.dtype.itemsize:
+                    raise NotImplementedError(f"{name} must be contiguous on the GPU path (it is updated in place)")
+            r_dtype = running[0][1]
+            if r_dtype is not None and r_dtype != running[1][1]:
+                raise NotImplementedError("running_mean and running_var of different dtypes on the GPU path "
+                                          f"({r_dtype} / {running[1][1]})")
+            if nbt is not None and interop.as_cupy(nbt, "num_batches_tracked")[1] != "int64":
+                raise TypeError(f"num_batches_tracked must be int64, got {interop.as_cupy(nbt, 'n')[1]}")
+            converters = [_converter(x, "input", None, True),
+                          None if running_mean is None else _converter(running_mean, "running_mean", None, False),
+                          None if running_var is None else _converter(running_var, "running_var", None, False),
+                          None if weight is None else _converter(weight, "weight", p_dtype, True),
+                          None if bias is None else _converter(bias, "bias", p_dtype, True),
+                          None if nbt is None else _converter(nbt, "num_batches_tracked", None, False)]
+        else:
+            if running_mean is None or running_var is None:
+                raise ValueError("running_mean and running_var must be given when training=False")
+            p_dtype = r_dtype = interop.promote(affine + [interop.as_cupy(a, n)[1] for a, n in (
+                (running_mean, "running_mean"), (running_var, "running_var"))])
+            converters = [_converter(x, "input", None, True)] + [
+                None if a is None else _converter(a, n, p_dtype, True) for a, n in (
+                    (running_mean, "running_mean"), (running_var, "running_var"), (weight, "weight"), (bias, "bias"))
+            ] + [None]
+    present = [running_mean is not None, running_var is not None, weight is not None, bias is not None,
+               nbt is not None]
+    vec = {1: r_dtype, 2: r_dtype, 3: p_dtype, 4: p_dtype}
+
+    def vector(i, dtype):
+        return _operand(i, (channels,), dtype) if present[i - 1] else None
+
+    def make(eps, momentum):
+        xo, yo = _operand(0, shape, x_dtype), _operand(6, shape, x_dtype)
+        if not training:
+            return planner.plan_batch_norm_eval_forward(xo, yo, vector(1, vec[1]), vector(2, vec[2]), vector(3, vec[3]),
+                                                        vector(4, vec[4]), eps, device=launcher.device_info())
+        nbt_op = _operand(5, (), "int64") if present[4] else None
+        return planner.plan_batch_norm_train_forward(
+            xo, yo, _operand(7, (channels,), acc), _operand(8, (channels,), acc), vector(1, vec[1]),
+            vector(2, vec[2]), nbt_op, vector(3, vec[3]), vector(4, vec[4]), momentum, eps,
+            device=launcher.device_info(), save_offset=_operand(9, (channels,), acc))
+
+    plans = _Plans(make, launcher)
+    empty_output = interop.output_allocator(x, x_dtype)
+
+    def call(x, running_mean, running_var, weight, bias, nbt, momentum, eps):
+        with interop.input_stream(x):
+            import cupy
+
+            bufs = _bind(converters, (x, running_mean, running_var, weight, bias, nbt))
+            native, y = empty_output(shape)
+            bufs.append(y)
+            if training:
+                bufs += [cupy.empty((channels,), dtype=acc) for _ in range(3)]
+            launcher.run(plans.get((eps, momentum)), bufs)
+        return interop.to_native(x, native), (bufs[7] if training else None), (bufs[8] if training else None)
+    return call
+
+
+# ----------------------------------------------------------------------------------- layer / group / instance norm
+
+def groups_forward(x, layout_of, weight, bias, zero_var_rule: bool, running_mean=None, running_var=None):
+    """Prepared GPU forward of a contiguous-group norm (``planner.plan_groups_forward``):
+    ``call(x, weight, bias, running_mean, running_var, momentum, eps) -> y``."""
+    launcher = launchers.cupy_launcher()
+    with interop.input_stream(x):
+        xa, x_dtype = interop.as_cupy(x, "input")
+        shape = tuple(int(s) for s in xa.shape)
+        layout = layout_of(shape)
+        p_dtype = interop.promote([interop.as_cupy(a, n)[1] for a, n in ((weight, "weight"), (bias, "bias"))])
+        r_dtype = None
+        if running_mean is not None:
+            running = [interop.as_cupy(a, n) for a, n in ((running_mean, "running_mean"), (running_var, "running_var"))]
+            for (arr, _), name in zip(running, ("running_mean", "running_var")):
+                if arr.size > 1 and arr.strides[0] != arr.dtype.itemsize:
+                    raise NotImplementedError(f"{name} must be contiguous on the GPU path (it is updated in place)")
+            if running[0][1] != running[1][1]:
+                raise NotImplementedError("running_mean and running_var of different dtypes on the GPU path")
+            r_dtype = running[0][1]
+        converters = [_converter(x, "input", None, True),
+                      None if weight is None else _converter(weight, "weight", p_dtype, True),
+                      None if bias is None else _converter(bias, "bias", p_dtype, True),
+                      None if running_mean is None else _converter(running_mean, "running_mean", None, False),
+                      None if running_var is None else _converter(running_var, "running_var", None, False)]
+        per_sample = layout.length // layout.inner * layout.groups_per_sample if layout.inner else 0
+    acc = planner.accumulation_dtype(x_dtype)
+    groups = layout.groups
+
+    def make(eps, momentum):
+        def vec(i, present, n, dtype):
+            return _operand(i, (n,), dtype) if present else None
+
+        save = tuple(_operand(i, (groups,), acc) for i in (6, 7, 8))
+        return planner.plan_groups_forward(
+            _operand(0, shape, x_dtype), _operand(5, shape, x_dtype), layout,
+            vec(1, weight is not None, per_sample, p_dtype), vec(2, bias is not None, per_sample, p_dtype), eps,
+            zero_var_rule, vec(3, r_dtype is not None, shape[1] if len(shape) > 1 else 0, r_dtype),
+            vec(4, r_dtype is not None, shape[1] if len(shape) > 1 else 0, r_dtype), momentum, save=save,
+            device=launcher.device_info())
+
+    plans = _Plans(make, launcher)
+    empty_output = interop.output_allocator(x, x_dtype)
+    stats_size = max(groups, 1)
+
+    def call(x, weight, bias, running_mean, running_var, momentum, eps):
+        with interop.input_stream(x):
+            import cupy
+
+            bufs = _bind(converters, (x, weight, bias, running_mean, running_var))
+            native, y = empty_output(shape)
+            bufs.append(y)
+            prepared = plans.get((eps, momentum))
+            if any(launch.uses(6) for launch in prepared):  # the split path keeps statistics in memory
+                bufs += [cupy.empty((stats_size,), dtype=acc) for _ in range(3)]
+            launcher.run(prepared, bufs)
+        return interop.to_native(x, native)
+    return call
