@@ -54,7 +54,9 @@ def _describer(kind):
     torch = sys.modules.get("torch")
     numpy = sys.modules.get("numpy")
     fn = None
-    if cupy is not None and isinstance(getattr(cupy, "ndarray", None), type) and issubclass(kind, cupy.ndarray):
+    if numpy is not None and kind is numpy.ndarray:
+        fn = _numpy_like
+    elif cupy is not None and isinstance(getattr(cupy, "ndarray", None), type) and issubclass(kind, cupy.ndarray):
         fn = _cupy_like
     elif torch is not None and issubclass(kind, torch.Tensor):
         fn = _torch

@@ -262,25 +262,49 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                           _checks.check_bool(use_input_stats, "use_input_stats"), eps)
 
 
-@_quiet
 def _instance_norm(input, stats: RunningStats | None, weight, bias, use_input_stats: bool, eps):
-    x = _as_input(input)
-    if x.ndim < 2:
-        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
     if not use_input_stats:
+        x = _as_input(input)
+        if x.ndim < 2:
+            raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
         if stats is None:
             raise ValueError("running_mean and running_var must be given when use_input_stats=False")
         return _batch_norm(x, stats, weight, bias, False, eps)
-    eps = _check_channel_norm(x, stats, weight, bias, eps)
-    _checks.check_more_than_one_value(math.prod(x.shape[2:]), x.shape, spatial=True)
-    if stats is not None:
-        stats.check_update()  # momentum, writable statistics: before any work
-    if _dispatch.route(x) == "gpu":
-        return _gpu_kernel("instance_norm_forward")(
-            x, None if stats is None else stats.mean, None if stats is None else stats.var,
-            weight, bias, None if stats is None else stats.momentum, eps)
+    d = _prepared.describe
+    if stats is None:
+        key = ("instance_norm", d(input), d(weight), d(bias))
+    else:
+        key = ("instance_norm", d(input), d(weight), d(bias), d(stats.mean), d(stats.var))
+    return _prepared.cached(key, _prepare_instance_norm, input, stats, weight, bias, eps)(input, stats, weight, bias, eps)
 
-    return _instance_norm_reference(x, stats, weight, bias, eps)[0]
+
+def _prepare_instance_norm(input, stats, weight, bias, eps):
+    """The checks an instance-norm signature (input statistics) fixes, once."""
+    x = _as_input(input)
+    if x.ndim < 2:
+        raise ValueError(f"expected at least 2D input (got {x.ndim}D input)")
+    _check_channel_norm(x, stats, weight, bias, eps)
+    _checks.check_more_than_one_value(math.prod(x.shape[2:]), x.shape, spatial=True)
+    if _dispatch.route(x) == "gpu":
+        gpu = _gpu_kernel("prepare_instance_norm_forward")(
+            x, None if stats is None else stats.mean, None if stats is None else stats.var, weight, bias)
+
+        def call_gpu(input, stats, weight, bias, eps):
+            eps = _checks.check_eps(eps)
+            if stats is None:
+                return gpu(input, weight, bias, None, None, 0.0, eps)
+            stats.check_update()  # momentum, writable statistics: before any work
+            return gpu(input, weight, bias, stats.mean, stats.var, stats.momentum or 0.0, eps)
+        return call_gpu
+    plain = _plain_input(input)
+
+    def call_cpu(input, stats, weight, bias, eps):
+        eps = _checks.check_eps(eps)
+        if stats is not None:
+            stats.check_update()  # momentum, writable statistics: before any work
+        with _dispatch.quiet_floating_point():
+            return _instance_norm_reference(plain(input), stats, weight, bias, eps)[0]
+    return call_cpu
 
 
 def _instance_norm_reference(x, stats: RunningStats | None, weight, bias, eps: float):
@@ -353,7 +377,6 @@ def _check_layer_norm(x, normalized_shape, weight, bias) -> tuple[int, ...]:
     return shape
 
 
-@_quiet
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     r"""Layer normalization over the last ``len(normalized_shape)`` dimensions.
 
@@ -364,13 +387,35 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     Shape:
         - input: ``(*, *normalized_shape)``; output: same shape and dtype
     """
+    d = _prepared.describe
+    t = type(normalized_shape)
+    if t is int:
+        shape = (normalized_shape,)
+    elif t is tuple and all(type(s) is int for s in normalized_shape):
+        shape = normalized_shape
+    else:  # checked (and converted) by _check_layer_norm, in its turn; not cached
+        shape = _prepared.UNCACHED
+    key = ("layer_norm", shape, d(input), d(weight), d(bias))
+    return _prepared.cached(key, _prepare_layer_norm, input, normalized_shape, weight, bias, eps)(
+        input, weight, bias, eps)
+
+
+def _prepare_layer_norm(input, normalized_shape, weight, bias, eps):
+    """The checks a layer-norm signature fixes, once."""
     x = _as_input(input)
     shape = _check_layer_norm(x, normalized_shape, weight, bias)
-    eps = _checks.check_eps(eps, allow_negative=True)
+    _checks.check_eps(eps, allow_negative=True)
     if _dispatch.route(x) == "gpu":
-        return _gpu_kernel("layer_norm_forward")(x, shape, weight, bias, eps)
+        gpu = _gpu_kernel("prepare_layer_norm_forward")(x, shape, weight, bias)
+        return lambda input, weight, bias, eps: gpu(input, weight, bias, None, None, 0.0,
+                                                    _checks.check_eps(eps, allow_negative=True))
+    plain = _plain_input(input)
 
-    return _layer_norm_reference(x, shape, weight, bias, eps)[0]
+    def call_cpu(input, weight, bias, eps):
+        eps = _checks.check_eps(eps, allow_negative=True)
+        with _dispatch.quiet_floating_point():
+            return _layer_norm_reference(plain(input), shape, weight, bias, eps)[0]
+    return call_cpu
 
 
 def _layer_norm_reference(x, shape: tuple[int, ...], weight, bias, eps: float):
@@ -392,7 +437,6 @@ def _layer_norm_reference(x, shape: tuple[int, ...], weight, bias, eps: float):
 
 # ----------------------------------------------------------------------------------- group norm
 
-@_quiet
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     r"""Group normalization: channels split into ``num_groups`` groups, each normalized per sample.
 
@@ -402,13 +446,27 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
     Shape:
         - input: ``(N, C, *)``; weight, bias: ``(C,)``; output: same shape and dtype as input
     """
+    d = _prepared.describe
+    key = ("group_norm", num_groups if type(num_groups) is int else _prepared.UNCACHED, d(input), d(weight), d(bias))
+    return _prepared.cached(key, _prepare_group_norm, input, num_groups, weight, bias, eps)(input, weight, bias, eps)
+
+
+def _prepare_group_norm(input, num_groups, weight, bias, eps):
+    """The checks a group-norm signature fixes, once."""
     x = _as_input(input)
     g = _check_group_norm(x, num_groups, weight, bias, forward=True)
-    eps = _checks.check_eps(eps, allow_negative=True)
+    _checks.check_eps(eps, allow_negative=True)
     if _dispatch.route(x) == "gpu":
-        return _gpu_kernel("group_norm_forward")(x, g, weight, bias, eps)
+        gpu = _gpu_kernel("prepare_group_norm_forward")(x, g, weight, bias)
+        return lambda input, weight, bias, eps: gpu(input, weight, bias, None, None, 0.0,
+                                                    _checks.check_eps(eps, allow_negative=True))
+    plain = _plain_input(input)
 
-    return _group_norm_reference(x, g, weight, bias, eps)[0]
+    def call_cpu(input, weight, bias, eps):
+        eps = _checks.check_eps(eps, allow_negative=True)
+        with _dispatch.quiet_floating_point():
+            return _group_norm_reference(plain(input), g, weight, bias, eps)[0]
+    return call_cpu
 
 
 def _check_group_norm(x, num_groups, weight, bias, forward: bool) -> int:

@@ -58,6 +58,35 @@ def prepare_batch_norm_forward(input, running_mean, running_var, weight, bias, t
     return prepared.batch_norm_forward(input, running_mean, running_var, weight, bias, training, num_batches_tracked)
 
 
+def prepare_layer_norm_forward(input, normalized_shape, weight, bias):
+    """A prepared GPU layer norm (see :func:`layer_norm_forward`): ``call(input, weight, bias, None,
+    None, 0.0, eps) -> output``."""
+    _require_cupy()
+    from . import planner, prepared
+
+    shape = tuple(int(s) for s in normalized_shape)
+    return prepared.groups_forward(input, lambda s: planner.layer_norm_layout(s, shape), weight, bias, False)
+
+
+def prepare_group_norm_forward(input, num_groups, weight, bias):
+    """A prepared GPU group norm (see :func:`group_norm_forward`), called as
+    :func:`prepare_layer_norm_forward`'s."""
+    _require_cupy()
+    from . import planner, prepared
+
+    grp = int(num_groups)
+    return prepared.groups_forward(input, lambda s: planner.group_norm_layout(s, grp), weight, bias, False)
+
+
+def prepare_instance_norm_forward(input, running_mean, running_var, weight, bias):
+    """A prepared GPU instance norm with input statistics (see :func:`instance_norm_forward`):
+    ``call(input, weight, bias, running_mean, running_var, momentum, eps) -> output``."""
+    _require_cupy()
+    from . import planner, prepared
+
+    return prepared.groups_forward(input, planner.instance_norm_layout, weight, bias, True, running_mean, running_var)
+
+
 def batch_norm_forward(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        num_batches_tracked=None):
     """GPU path of ``cupybn.batch_norm``.
