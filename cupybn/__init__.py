@@ -15,7 +15,7 @@ from .native import (batch_norm_backward, group_norm_backward, instance_norm_bac
                      native_instance_norm, native_layer_norm)
 from .running_stats import RunningStats
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one definition of the version: pyproject.toml reads it ([tool.hatch.version])
 
 __all__ = [
     "batch_norm", "instance_norm", "layer_norm", "group_norm",
