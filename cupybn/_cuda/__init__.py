@@ -452,10 +452,22 @@ def _groups_backward(grad_output, input, layout_of, mean, rstd, weight, gw_dtype
     ``(grad_input, grad_weight, grad_bias)``, entries not asked for None. ``gw_dtype_of`` /
     ``gb_dtype_of`` map x's dtype to the parameter gradients' dtypes."""
     _require_cupy()
-    from . import interop, planner
+    from .. import _prepared
+    from . import interop, planner, prepared
     from .launchers import cupy_launcher
 
     mask = tuple(bool(m) for m in output_mask)
+    x_dtype = interop.as_cupy(input, "input")[1]
+    if math.prod(input.shape):  # prepared once per signature (the layout is a function of the shape)
+        d = _prepared.describe
+        shape = tuple(int(s) for s in input.shape)
+        gw_dtype, gb_dtype = gw_dtype_of(x_dtype), gb_dtype_of(x_dtype)
+        key = ("gpu_groups_backward", layout_of(shape), gw_dtype, gb_dtype, mask, d(grad_output), d(input), d(mean),
+               d(rstd), d(weight))
+        call = _prepared.cached(key, prepared.groups_backward, grad_output, input, layout_of, mean, rstd, weight,
+                                gw_dtype, gb_dtype, mask, int(per_sample_of(shape)))
+        dx, gw, gb = call(grad_output, input, mean, rstd, weight)
+        return dx, *_native_params(input, gw_dtype, (gw,)), *_native_params(input, gb_dtype, (gb,))
     launcher = cupy_launcher()
     with interop.input_stream(input):
         import cupy

@@ -209,3 +209,69 @@ def groups_forward(x, layout_of, weight, bias, zero_var_rule: bool, running_mean
             launcher.run(prepared, bufs)
         return interop.to_native(x, native)
     return call
+
+
+# ----------------------------------------------------------------------------------- backward
+
+def groups_backward(grad_output, x, layout_of, mean, rstd, weight, gw_dtype: str, gb_dtype: str, mask,
+                    per_sample: int):
+    """Prepared GPU backward of layer / group / instance norm (``planner.plan_groups_backward``)
+    for non-empty arrays of this signature: ``call(grad_output, x, mean, rstd, weight) -> (dx, gw,
+    gb)`` as CuPy-side buffers (``dx`` native); entries not in ``mask`` None."""
+    launcher = launchers.cupy_launcher()
+    with interop.input_stream(x):
+        xa, x_dtype = interop.as_cupy(x, "input")
+        g_dtype = interop.as_cupy(grad_output, "grad_output")[1]
+        if g_dtype != x_dtype and x_dtype == "bfloat16":
+            raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
+        shape = tuple(int(s) for s in xa.shape)
+        layout = layout_of(shape)
+        acc = planner.accumulation_dtype(x_dtype)
+        for name, a in (("mean", mean), ("rstd", rstd)):
+            if a is None:
+                raise ValueError(f"{name} is required")
+            arr = interop.as_cupy(a, name)[0]
+            if arr.size != layout.groups:
+                raise ValueError(f"{name} must have {layout.groups} values, got shape {tuple(arr.shape)}")
+        w_dtype = interop.as_cupy(weight, "weight")[1]
+        converters = [_converter(grad_output, "grad_output", x_dtype, True), _converter(x, "input", None, True),
+                      _converter(mean, "mean", acc, True), _converter(rstd, "rstd", acc, True),
+                      None if weight is None else _converter(weight, "weight", None, True)]
+    device = launcher.device_info()
+    groups = layout.groups
+    ws_size = planner.groups_backward_workspace(layout, device) if (mask[1] or mask[2]) else 0
+
+    def make():
+        g_op, x_op = _operand(0, shape, x_dtype), _operand(1, shape, x_dtype)
+        st = (_operand(2, (groups,), acc), _operand(3, (groups,), acc))
+        w_op = None if weight is None else _operand(4, (per_sample,), w_dtype)
+        dx_op = _operand(5, shape, x_dtype) if mask[0] else None
+        gw_op = _operand(6, (per_sample,), gw_dtype) if mask[1] else None
+        gb_op = _operand(7, (per_sample,), gb_dtype) if mask[2] else None
+        sums = _operand(8, (2 * groups,), acc) if mask[0] else None
+        ws = _operand(9, (ws_size,), acc) if ws_size else None
+        if gw_op is not None and gb_op is not None and gw_dtype != gb_dtype:
+            return (planner.plan_groups_backward(g_op, x_op, dx_op, layout, *st, w_op, gw_op, None, sums, ws,
+                                                 device=device)
+                    + planner.plan_groups_backward(g_op, x_op, None, layout, *st, w_op, None, gb_op, None, ws,
+                                                   device=device))
+        return planner.plan_groups_backward(g_op, x_op, dx_op, layout, *st, w_op, gw_op, gb_op, sums, ws,
+                                            device=device)
+
+    plans = _Plans(lambda: make(), launcher)
+    empty_output = interop.output_allocator(x, x_dtype)
+    gw_storage, gb_storage = planner.storage_dtype(gw_dtype), planner.storage_dtype(gb_dtype)
+
+    def call(grad_output, x, mean, rstd, weight):
+        with interop.input_stream(x):
+            import cupy
+
+            bufs = _bind(converters, (grad_output, x, mean, rstd, weight))
+            native_dx, dx = empty_output(shape) if mask[0] else (None, None)
+            gw = cupy.empty((per_sample,), dtype=gw_storage) if mask[1] else None
+            gb = cupy.empty((per_sample,), dtype=gb_storage) if mask[2] else None
+            bufs += [dx, gw, gb, cupy.empty((2 * groups,), dtype=acc) if mask[0] else None,
+                     cupy.empty((ws_size,), dtype=acc) if ws_size else None]
+            launcher.run(plans.get(()), bufs)
+        return (None if native_dx is None else interop.to_native(x, native_dx)), gw, gb
+    return call
