@@ -258,10 +258,19 @@ def batch_norm_backward(grad_output, input, weight, running_mean, running_var, s
     ``output_mask`` are None; parameter gradients have the weight's dtype (else the input's).
     """
     _require_cupy()
-    from . import interop, planner
+    from .. import _prepared
+    from . import interop, planner, prepared
     from .launchers import cupy_launcher
 
     mask = tuple(bool(m) for m in output_mask)
+    if math.prod(input.shape):  # prepared once per signature
+        d = _prepared.describe
+        mean, stat = (save_mean, save_invstd) if train else (running_mean, running_var)
+        key = ("gpu_batch_norm_backward", bool(train), mask, d(grad_output), d(input), d(weight), d(mean), d(stat))
+        call = _prepared.cached(key, prepared.batch_norm_backward, grad_output, input, weight, mean, stat,
+                                bool(train), mask)
+        dx, gw, gb, p = call(grad_output, input, weight, mean, stat, eps)
+        return (dx, *_native_params(input, p, (gw, gb)))
     launcher = cupy_launcher()
     with interop.input_stream(input):
         import cupy

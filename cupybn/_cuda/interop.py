@@ -96,6 +96,18 @@ def input_stream(input):
             yield
 
 
+def stream_scope(input):
+    """``scope(x)``: :func:`input_stream` for inputs like ``input``, decided once. For CuPy input
+    the device of the signature is made current (a reused ``cupy.cuda.Device``); torch input
+    takes torch's current stream per call."""
+    if _is_torch(input) or not _is_cupy(input):
+        return input_stream
+    import cupy
+
+    device = cupy.cuda.Device(device_id(input))
+    return lambda x: device
+
+
 def as_cupy(a, name: str = "input"):
     """``(cupy.ndarray, logical dtype name)`` sharing memory with ``a``; ``(None, None)`` for None.
 

@@ -153,7 +153,9 @@ class CupyLauncher:
         prepared = []
         for launch in plan:
             check_template(launch)
-            prepared.append(PreparedLaunch(launch, self.module(launch.source, launch.kernel).get_function(launch.kernel)))
+            p = PreparedLaunch(launch, self.module(launch.source, launch.kernel).get_function(launch.kernel))
+            p.args = list(_marshal(p.args))  # absent optional buffers: null pointers, once
+            prepared.append(p)
         return tuple(prepared)
 
     def run(self, prepared, buffers) -> None:
@@ -167,7 +169,7 @@ class CupyLauncher:
                 scratch = cupy.empty((launch.workspace_bytes,), dtype=cupy.uint8)
             if launch.counter_words:
                 counters = self.counters(launch.counter_words)
-            p.function(launch.grid, launch.block, _marshal(p.bind(buffers, scratch, counters)), shared_mem=launch.smem)
+            p.function(launch.grid, launch.block, tuple(p.bind(buffers, scratch, counters)), shared_mem=launch.smem)
 
     def launch(self, plan) -> None:
         """Run every launch of ``plan`` in order on the current CuPy stream (asynchronously)."""

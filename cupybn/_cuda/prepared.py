@@ -137,10 +137,11 @@ def batch_norm_forward(x, running_mean, running_var, weight, bias, training: boo
     plans = _Plans(make, launcher)
     empty_output = interop.output_allocator(x, x_dtype)
 
-    def call(x, running_mean, running_var, weight, bias, nbt, momentum, eps):
-        with interop.input_stream(x):
-            import cupy
+    scope = interop.stream_scope(x)
+    import cupy
 
+    def call(x, running_mean, running_var, weight, bias, nbt, momentum, eps):
+        with scope(x):
             bufs = _bind(converters, (x, running_mean, running_var, weight, bias, nbt))
             native, y = empty_output(shape)
             bufs.append(y)
@@ -196,10 +197,11 @@ def groups_forward(x, layout_of, weight, bias, zero_var_rule: bool, running_mean
     empty_output = interop.output_allocator(x, x_dtype)
     stats_size = max(groups, 1)
 
-    def call(x, weight, bias, running_mean, running_var, momentum, eps):
-        with interop.input_stream(x):
-            import cupy
+    scope = interop.stream_scope(x)
+    import cupy
 
+    def call(x, weight, bias, running_mean, running_var, momentum, eps):
+        with scope(x):
             bufs = _bind(converters, (x, weight, bias, running_mean, running_var))
             native, y = empty_output(shape)
             bufs.append(y)
@@ -262,10 +264,11 @@ def groups_backward(grad_output, x, layout_of, mean, rstd, weight, gw_dtype: str
     empty_output = interop.output_allocator(x, x_dtype)
     gw_storage, gb_storage = planner.storage_dtype(gw_dtype), planner.storage_dtype(gb_dtype)
 
-    def call(grad_output, x, mean, rstd, weight):
-        with interop.input_stream(x):
-            import cupy
+    scope = interop.stream_scope(x)
+    import cupy
 
+    def call(grad_output, x, mean, rstd, weight):
+        with scope(x):
             bufs = _bind(converters, (grad_output, x, mean, rstd, weight))
             native_dx, dx = empty_output(shape) if mask[0] else (None, None)
             gw = cupy.empty((per_sample,), dtype=gw_storage) if mask[1] else None
@@ -274,4 +277,62 @@ def groups_backward(grad_output, x, layout_of, mean, rstd, weight, gw_dtype: str
                      cupy.empty((ws_size,), dtype=acc) if ws_size else None]
             launcher.run(plans.get(()), bufs)
         return (None if native_dx is None else interop.to_native(x, native_dx)), gw, gb
+    return call
+
+
+def batch_norm_backward(grad_output, x, weight, mean, stat, train: bool, mask):
+    """Prepared GPU batch norm backward (``planner.plan_batch_norm_backward``) for non-empty arrays
+    of this signature; ``mean`` / ``stat`` are the saved statistics (``train``) or the running
+    ones. ``call(grad_output, x, weight, mean, stat, eps) -> (dx, gw, gb)`` (``dx`` native)."""
+    launcher = launchers.cupy_launcher()
+    with interop.input_stream(x):
+        xa, x_dtype = interop.as_cupy(x, "input")
+        g_dtype = interop.as_cupy(grad_output, "grad_output")[1]
+        if g_dtype != x_dtype and x_dtype == "bfloat16":
+            raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
+        shape = tuple(int(s) for s in xa.shape)
+        channels = shape[1]
+        acc = planner.accumulation_dtype(x_dtype)
+        names = ("save_mean", "save_invstd") if train else ("running_mean", "running_var")
+        dtypes = []
+        for name, a in zip(names, (mean, stat)):
+            if a is None:
+                raise ValueError(f"{name} is required")
+            arr, d = interop.as_cupy(a, name)
+            if arr.size != channels:
+                raise ValueError(f"{name} must have {channels} values, got shape {tuple(arr.shape)}")
+            dtypes.append(d)
+        w_dtype = interop.as_cupy(weight, "weight")[1]
+        p = w_dtype if weight is not None else x_dtype
+        s_dtype = dtypes[0] if dtypes[0] == dtypes[1] else None
+        if s_dtype is None or (s_dtype, p) not in planner.backward_stats_params(x_dtype):
+            s_dtype = acc
+        converters = [_converter(grad_output, "grad_output", x_dtype, True), _converter(x, "input", None, True),
+                      _converter(mean, names[0], s_dtype, True), _converter(stat, names[1], s_dtype, True),
+                      None if weight is None else _converter(weight, "weight", None, True)]
+    device = launcher.device_info()
+
+    def make(eps):
+        return planner.plan_batch_norm_backward(
+            _operand(0, shape, x_dtype), _operand(1, shape, x_dtype), _operand(5, shape, x_dtype) if mask[0] else None,
+            _operand(2, (channels,), s_dtype), _operand(3, (channels,), s_dtype), train,
+            None if weight is None else _operand(4, (channels,), w_dtype),
+            _operand(6, (channels,), p) if mask[1] else None, _operand(7, (channels,), p) if mask[2] else None,
+            _operand(8, (3 * channels,), acc) if train and mask[0] else None, eps, device=device)
+
+    plans = _Plans(make, launcher)
+    empty_output = interop.output_allocator(x, x_dtype)
+    storage = planner.storage_dtype(p)
+    scope = interop.stream_scope(x)
+    import cupy
+
+    def call(grad_output, x, weight, mean, stat, eps):
+        with scope(x):
+            bufs = _bind(converters, (grad_output, x, mean, stat, weight))
+            native_dx, dx = empty_output(shape) if mask[0] else (None, None)
+            gw = cupy.empty((channels,), dtype=storage) if mask[1] else None
+            gb = cupy.empty((channels,), dtype=storage) if mask[2] else None
+            bufs += [dx, gw, gb, cupy.empty((3 * channels,), dtype=acc) if train and mask[0] else None]
+            launcher.run(plans.get((eps,)), bufs)
+        return (None if native_dx is None else interop.to_native(x, native_dx)), gw, gb, p
     return call
