@@ -404,9 +404,17 @@ def _prepare_layer_norm(input, normalized_shape, weight, bias, eps):
     """The checks a layer-norm signature fixes, once."""
     x = _as_input(input)
     shape = _check_layer_norm(x, normalized_shape, weight, bias)
+    return _prepare_affine_groups(input, x, shape, weight, bias, eps, "prepare_layer_norm_forward",
+                                  _layer_norm_reference)
+
+
+def _prepare_affine_groups(input, x, arg, weight, bias, eps, gpu_name: str, reference):
+    """The prepared call of layer or group norm once its structure is checked: ``arg`` (the
+    checked ``normalized_shape`` / ``num_groups``) goes to ``_cuda.<gpu_name>`` or ``reference``;
+    per call only ``eps`` is checked."""
     _checks.check_eps(eps, allow_negative=True)
     if _dispatch.route(x) == "gpu":
-        gpu = _gpu_kernel("prepare_layer_norm_forward")(x, shape, weight, bias)
+        gpu = _gpu_kernel(gpu_name)(x, arg, weight, bias)
         return lambda input, weight, bias, eps: gpu(input, weight, bias, None, None, 0.0,
                                                     _checks.check_eps(eps, allow_negative=True))
     plain = _plain_input(input)
@@ -414,7 +422,7 @@ def _prepare_layer_norm(input, normalized_shape, weight, bias, eps):
     def call_cpu(input, weight, bias, eps):
         eps = _checks.check_eps(eps, allow_negative=True)
         with _dispatch.quiet_floating_point():
-            return _layer_norm_reference(plain(input), shape, weight, bias, eps)[0]
+            return reference(plain(input), arg, weight, bias, eps)[0]
     return call_cpu
 
 
@@ -455,18 +463,8 @@ def _prepare_group_norm(input, num_groups, weight, bias, eps):
     """The checks a group-norm signature fixes, once."""
     x = _as_input(input)
     g = _check_group_norm(x, num_groups, weight, bias, forward=True)
-    _checks.check_eps(eps, allow_negative=True)
-    if _dispatch.route(x) == "gpu":
-        gpu = _gpu_kernel("prepare_group_norm_forward")(x, g, weight, bias)
-        return lambda input, weight, bias, eps: gpu(input, weight, bias, None, None, 0.0,
-                                                    _checks.check_eps(eps, allow_negative=True))
-    plain = _plain_input(input)
-
-    def call_cpu(input, weight, bias, eps):
-        eps = _checks.check_eps(eps, allow_negative=True)
-        with _dispatch.quiet_floating_point():
-            return _group_norm_reference(plain(input), g, weight, bias, eps)[0]
-    return call_cpu
+    return _prepare_affine_groups(input, x, g, weight, bias, eps, "prepare_group_norm_forward",
+                                  _group_norm_reference)
 
 
 def _check_group_norm(x, num_groups, weight, bias, forward: bool) -> int:

@@ -215,6 +215,15 @@ def groups_forward(x, layout_of, weight, bias, zero_var_rule: bool, running_mean
 
 # ----------------------------------------------------------------------------------- backward
 
+def _input_for_grad(x, grad_output):
+    """``(x as CuPy, x's dtype name)``; NotImplementedError where ``grad_output``'s dtype cannot be
+    converted to a bfloat16 ``x``'s (as ``cupybn._cuda._input_and_grad`` refuses it per call)."""
+    xa, x_dtype = interop.as_cupy(x, "input")
+    if x_dtype == "bfloat16" and interop.as_cupy(grad_output, "grad_output")[1] != x_dtype:
+        raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
+    return xa, x_dtype
+
+
 def groups_backward(grad_output, x, layout_of, mean, rstd, weight, gw_dtype: str, gb_dtype: str, mask,
                     per_sample: int):
     """Prepared GPU backward of layer / group / instance norm (``planner.plan_groups_backward``)
@@ -222,10 +231,7 @@ def groups_backward(grad_output, x, layout_of, mean, rstd, weight, gw_dtype: str
     gb)`` as CuPy-side buffers (``dx`` native); entries not in ``mask`` None."""
     launcher = launchers.cupy_launcher()
     with interop.input_stream(x):
-        xa, x_dtype = interop.as_cupy(x, "input")
-        g_dtype = interop.as_cupy(grad_output, "grad_output")[1]
-        if g_dtype != x_dtype and x_dtype == "bfloat16":
-            raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
+        xa, x_dtype = _input_for_grad(x, grad_output)
         shape = tuple(int(s) for s in xa.shape)
         layout = layout_of(shape)
         acc = planner.accumulation_dtype(x_dtype)
@@ -286,10 +292,7 @@ def batch_norm_backward(grad_output, x, weight, mean, stat, train: bool, mask):
     ones. ``call(grad_output, x, weight, mean, stat, eps) -> (dx, gw, gb)`` (``dx`` native)."""
     launcher = launchers.cupy_launcher()
     with interop.input_stream(x):
-        xa, x_dtype = interop.as_cupy(x, "input")
-        g_dtype = interop.as_cupy(grad_output, "grad_output")[1]
-        if g_dtype != x_dtype and x_dtype == "bfloat16":
-            raise NotImplementedError("grad_output of another dtype than a bfloat16 input on the GPU path")
+        xa, x_dtype = _input_for_grad(x, grad_output)
         shape = tuple(int(s) for s in xa.shape)
         channels = shape[1]
         acc = planner.accumulation_dtype(x_dtype)
